@@ -1,0 +1,53 @@
+"""KD losses for causal LMs: ATKD and the baselines, on dense teacher logits or compressed signals.
+
+Conventions (all losses): ``student_logits[b, t]`` (``[B, T, V]``) predicts ``targets[b, t]``
+(``[B, T]``); targets == -100 are ignored; the result is a mean over valid tokens (ATKD: a weighted
+mix of group means); ``teacher`` is dense logits ``[B, T, V]`` or a :class:`TeacherSignal`.
+"""
+
+from functools import partial
+
+from proto.signal import TeacherSignal, compress
+
+from .atkd import SPLIT_RULES, atkd_loss, split_hard, teacher_uncertainty
+from .baselines import (
+    cross_entropy,
+    dkd,
+    forward_kl,
+    full_divergence_loss,
+    jsd,
+    reverse_kl,
+    skew_forward_kl,
+    skew_reverse_kl,
+    tvd,
+)
+from .divergences import DIVERGENCES, JSD, TVD, Divergence, ForwardKL, ReverseKL, SkewForwardKL, SkewReverseKL
+
+#: Every loss by the name a training config uses; each is called as fn(student_logits, teacher, targets, **opts).
+LOSSES = {
+    "atkd": atkd_loss,
+    "forward_kl": forward_kl,
+    "reverse_kl": reverse_kl,
+    "jsd": jsd,
+    "skew_forward_kl": skew_forward_kl,
+    "skew_reverse_kl": skew_reverse_kl,
+    "tvd": tvd,
+    "dkd": dkd,
+    "sft": cross_entropy,
+}
+
+
+def get_loss(name: str, **options):
+    """The loss called ``name`` with its keyword options bound (e.g. ``get_loss("atkd", lam=0.2)``)."""
+    try:
+        return partial(LOSSES[name], **options)
+    except KeyError:
+        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}") from None
+
+
+__all__ = [
+    "DIVERGENCES", "JSD", "LOSSES", "SPLIT_RULES", "TVD", "Divergence", "ForwardKL", "ReverseKL",
+    "SkewForwardKL", "SkewReverseKL", "TeacherSignal", "atkd_loss", "compress", "cross_entropy", "dkd",
+    "forward_kl", "full_divergence_loss", "get_loss", "jsd", "reverse_kl", "skew_forward_kl",
+    "skew_reverse_kl", "split_hard", "teacher_uncertainty", "tvd",
+]

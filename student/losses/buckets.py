@@ -1,0 +1,131 @@
+"""Teacher and student distributions at a chunk of n positions, split into target / non-target.
+
+Both a dense teacher (logits ``[n, V]``) and a compressed one (:class:`proto.signal.TeacherSignal`)
+become the same :class:`Buckets`: the log-weight of the target token g and the log-weights of the
+non-target buckets, with any per-row offset (raw logits are fine). For a dense teacher the buckets
+are the V vocabulary entries with column g masked; for a signal they are
+    {i in top-k, i != g} ∪ {TAIL},     TAIL = everything outside top-k ∪ {g},
+and the student, which has its full logits, is coarsened onto the same buckets with an exact TAIL
+mass. Masking uses a large finite negative number rather than -inf (0 * (-inf - -inf) is NaN), and
+the target column is removed by masking, never by subtraction from the full KL (ATKD.md §6).
+
+:meth:`Buckets.normalise` gives every quantity the losses need (all in log space):
+    log_target = log p_g,  log_uncertainty = log(1 - p_g) = logsumexp(rest) - logsumexp(all),
+    hat  = log p^_i  = rest_i - logsumexp(rest)         (renormalised non-target distribution)
+    full = log p_i   = rest_i - logsumexp(all)          (non-target part of the full distribution)
+Optional tail samples (tokens drawn from the teacher's tail) are carried at the same offsets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+from proto.signal import TeacherSignal
+
+#: Log-weight of a masked bucket: exp() of it is exactly 0 in fp32 and fp64, and it stays finite.
+MASKED = -1e30
+
+
+class Normalised:
+    """Normalised log-probabilities at n positions over C non-target buckets (+ m tail samples).
+
+    ``log_target [n]`` = log p_g and ``log_uncertainty [n]`` = log(1 - p_g) are computed at once;
+    the ``[n, C]`` views ``hat`` (log p^, renormalised non-target) and ``full`` (log p_i of the
+    non-target buckets) only when a loss asks for them.
+    """
+
+    def __init__(self, buckets: Buckets):
+        self.buckets = buckets
+        self.log_rest = torch.logsumexp(buckets.rest, dim=1)
+        log_all = torch.logaddexp(buckets.target, self.log_rest)
+        self.log_all = log_all
+        self.log_target = buckets.target - log_all
+        self.log_uncertainty = self.log_rest - log_all
+
+    @property
+    def uncertainty(self) -> torch.Tensor:
+        return self.log_uncertainty.exp()
+
+    @cached_property
+    def hat(self) -> torch.Tensor:
+        return self.buckets.rest - self.log_rest.unsqueeze(1)
+
+    @cached_property
+    def full(self) -> torch.Tensor:
+        return self.buckets.rest - self.log_all.unsqueeze(1)
+
+    @cached_property
+    def hat_samples(self) -> torch.Tensor | None:
+        samples = self.buckets.samples
+        return None if samples is None else samples - self.log_rest.unsqueeze(1)
+
+    @cached_property
+    def full_samples(self) -> torch.Tensor | None:
+        samples = self.buckets.samples
+        return None if samples is None else samples - self.log_all.unsqueeze(1)
+
+
+@dataclass
+class Buckets:
+    """Unnormalised log-weights: target ``[n]``, non-target buckets ``[n, C]``, samples ``[n, m]``.
+
+    When ``samples`` is given, the last bucket of ``rest`` is the TAIL bucket the samples were
+    drawn from (see :func:`bucket_sum`).
+    """
+
+    target: torch.Tensor
+    rest: torch.Tensor
+    samples: torch.Tensor | None = None
+
+    def normalise(self) -> Normalised:
+        return Normalised(self)
+
+
+def dense_buckets(logits: torch.Tensor, targets: torch.Tensor) -> Buckets:
+    """Vocabulary buckets from logits ``[n, V]`` and targets ``[n]`` (all valid)."""
+    cols = targets.unsqueeze(1)
+    return Buckets(target=logits.gather(1, cols).squeeze(1), rest=logits.scatter(1, cols, MASKED))
+
+
+def signal_buckets(signal: TeacherSignal, targets: torch.Tensor, dtype: torch.dtype) -> Buckets:
+    """Coarsened teacher buckets from a flattened signal at n valid positions."""
+    is_target = signal.topk_ids == targets.unsqueeze(1)
+    topk = signal.topk_logprobs.to(dtype).masked_fill(is_target, MASKED)
+    tail = signal.tail_logprob.to(dtype).clamp_min(MASKED).unsqueeze(1)
+    samples = signal.tail_sample_logprobs
+    return Buckets(
+        target=signal.target_logprob.to(dtype),
+        rest=torch.cat([topk, tail], dim=1),
+        samples=None if samples is None else samples.to(dtype),
+    )
+
+
+def student_buckets_for_signal(logits: torch.Tensor, signal: TeacherSignal, targets: torch.Tensor) -> Buckets:
+    """Student logits ``[n, V]`` coarsened onto the buckets of ``signal``; its TAIL mass is exact."""
+    cols = targets.unsqueeze(1)
+    is_target = signal.topk_ids == cols
+    outside = logits.scatter(1, signal.topk_ids, MASKED).scatter(1, cols, MASKED)
+    tail = torch.logsumexp(outside, dim=1, keepdim=True)
+    samples = signal.tail_sample_ids
+    return Buckets(
+        target=logits.gather(1, cols).squeeze(1),
+        rest=torch.cat([logits.gather(1, signal.topk_ids).masked_fill(is_target, MASKED), tail], dim=1),
+        samples=None if samples is None else logits.gather(1, samples),
+    )
+
+
+def bucket_sum(divergence, log_p, log_q, log_p_samples=None, log_q_samples=None) -> torch.Tensor:
+    """sum_i phi(log p_i, log q_i) over the buckets ``[n, C]`` -> ``[n]``.
+
+    With tail samples ``[n, m]`` (drawn from p restricted to the last bucket), the last bucket's
+    term is replaced by the unbiased importance-sampling estimate of the per-token sum over the
+    tokens it holds:  P_tail * mean_j phi(p_j, q_j) / p_j.
+    """
+    if log_p_samples is None:
+        return divergence.term(log_p, log_q).sum(1)
+    head = divergence.term(log_p[:, :-1], log_q[:, :-1]).sum(1)
+    per_mass = divergence.term_per_teacher_mass(log_p_samples, log_q_samples).mean(1)
+    return head + log_p[:, -1].exp() * per_mass
