@@ -141,7 +141,7 @@ def compress(
     out = {name: [] for name in ("target_logprob", "topk_ids", "topk_logprobs", "tail_logprob",
                                  "uncertainty", "entropy", "tail_sample_ids", "tail_sample_logprobs")}
     step = rows_per_chunk(vocab, chunk_size)
-    for start in range(0, logits.shape[0], step):
+    for start in range(0, max(1, logits.shape[0]), step):  # one (empty) chunk when there are no positions
         z = logits[start:start + step].to(work_dtype) / temperature
         tgt = flat_targets[start:start + z.shape[0]]
         has_target = tgt != IGNORE_INDEX

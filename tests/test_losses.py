@@ -237,7 +237,7 @@ def test_chunk_size_does_not_change_loss_or_gradient():
         s = student.clone().requires_grad_()
         loss = atkd_loss(s, teacher, targets, chunk_size=chunk)
         loss.backward()
-        grads.append((float(loss), s.grad))
+        grads.append((loss.item(), s.grad))
     for loss, grad in grads[1:]:
         assert loss == pytest.approx(grads[0][0], rel=1e-12)
         torch.testing.assert_close(grad, grads[0][1])
@@ -370,3 +370,9 @@ def test_compress_tail_samples_come_from_the_tail():
         excluded = set(signal.topk_ids[row].tolist()) | {int(targets[row])}
         assert not excluded & set(signal.tail_sample_ids[row].tolist())
     torch.testing.assert_close(signal.tail_sample_logprobs, logp.gather(1, signal.tail_sample_ids))
+
+
+def test_compress_of_no_positions_gives_empty_fields():
+    signal = compress(torch.zeros(0, 10), torch.zeros(0, dtype=torch.long), k=3, tail_samples=2)
+    assert signal.topk_ids.shape == (0, 3) and signal.target_logprob.shape == (0,)
+    assert signal.tail_sample_ids.shape == (0, 2)

@@ -1,0 +1,60 @@
+"""``atkd-teacher``: the teacher replica's command line.
+
+    atkd-teacher serve --model DIR [--config teacher.yaml] [--port 50051 --http-port 8080 ...]
+
+Every field of :class:`~services.teacher.config.TeacherConfig` is a flag (``max_batch_tokens`` ->
+``--max-batch-tokens``) and a key of the YAML file given with ``--config``; flags override the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from .config import TeacherConfig
+from .server import run
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field; a flag not given leaves the field to the YAML file or the default."""
+    for name, field in TeacherConfig.model_fields.items():
+        kind = field.annotation
+        if isinstance(kind, types.UnionType):  # X | None
+            kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
+        options: dict = {"type": kind}
+        if typing.get_origin(kind) is typing.Literal:
+            options = {"choices": typing.get_args(kind)}
+        if field.is_required():
+            note = " (required)"
+        else:
+            note = "" if field.default is None else f" (default: {field.default})"
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=argparse.SUPPRESS,
+                            help=f"{field.description}{note}", **options)
+
+
+def parse_config(argv: Sequence[str] | None = None) -> TeacherConfig:
+    """The config of ``atkd-teacher serve ARGS``: defaults, then ``--config FILE``, then flags."""
+    parser = argparse.ArgumentParser(prog="atkd-teacher", description="ATKD teacher logit service")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve a model over gRPC (and HTTP for probes and metrics)")
+    serve.add_argument("--config", type=Path, help="YAML file of options (keys as the flags, with underscores)")
+    add_config_flags(serve)
+    args = vars(parser.parse_args(argv))
+    args.pop("command")
+    try:
+        return TeacherConfig.load(args.pop("config"), **args)
+    except ValidationError as error:
+        serve.error(str(error))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run(parse_config(argv))
+
+
+if __name__ == "__main__":
+    main()

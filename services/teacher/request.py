@@ -1,0 +1,120 @@
+"""A ``ScoreRequest`` checked against the replica's limits and turned into a :class:`ScoreJob`.
+
+Every rule names the field it checks in its message; a broken request raises
+:class:`~services.teacher.errors.InvalidArgument` and never reaches the scheduler. The work is done
+in numpy: it runs on the event loop next to the engine's forward, and torch would start an OpenMP
+team of its own for it that competes with the forward's (milliseconds per request on a busy CPU).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from proto import teacher_pb2 as pb
+from proto.codec import codec_name
+
+from .errors import InvalidArgument
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a request may ask of this replica."""
+
+    vocab_size: int
+    max_seq_len: int
+    max_batch_tokens: int
+    max_top_k: int
+    max_tail_samples: int
+
+
+@dataclass(frozen=True, eq=False)
+class ScoreJob:
+    """S sequences to run through the teacher and the n positions to score.
+
+    ``token_ids [total]`` holds the sequences back to back (``lengths``, S ints). Scored position j
+    is position ``cols[j]`` of sequence ``rows[j]``, with target ``targets[j]`` (the next token);
+    they are ordered sequence by sequence, position ascending, as the response lists them.
+    """
+
+    token_ids: torch.Tensor
+    lengths: tuple[int, ...]
+    rows: torch.Tensor
+    cols: torch.Tensor
+    targets: torch.Tensor
+    top_k: int
+    codec: str
+    temperature: float
+    tail_samples: int
+    seed: int | None
+
+    @property
+    def tokens(self) -> int:
+        return self.token_ids.numel()
+
+    @property
+    def num_positions(self) -> int:
+        return self.targets.numel()
+
+
+def parse_request(request: pb.ScoreRequest, limits: Limits) -> ScoreJob:
+    """Validate ``request`` against ``limits``; raises :class:`InvalidArgument` naming the bad field."""
+    lengths = tuple(request.lengths)
+    ids = np.asarray(request.token_ids, dtype=np.int64)
+    _check_lengths(lengths, ids.size, limits)
+    bad = np.flatnonzero((ids < 0) | (ids >= limits.vocab_size))
+    if bad.size:
+        raise InvalidArgument(f"token_ids[{bad[0]}] = {ids[bad[0]]} is outside the vocabulary [0, {limits.vocab_size})")
+    if request.score_mask and len(request.score_mask) != ids.size:
+        raise InvalidArgument(f"score_mask has {len(request.score_mask)} flags for {ids.size} token_ids "
+                              "(give one per token, or none to score every position)")
+    if not 1 <= request.top_k <= limits.max_top_k:
+        raise InvalidArgument(f"top_k = {request.top_k} must be in [1, {limits.max_top_k}]")
+    try:
+        codec = codec_name(request.codec)
+    except ValueError as error:
+        raise InvalidArgument(f"codec: {error}") from None
+    temperature = request.temperature or 1.0
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise InvalidArgument(f"temperature = {temperature} must be a finite number > 0 (0 means 1)")
+    if request.tail_samples > limits.max_tail_samples:
+        raise InvalidArgument(f"tail_samples = {request.tail_samples} is above this teacher's maximum "
+                              f"{limits.max_tail_samples}")
+
+    rows, cols, flat = _scored_positions(lengths, request.score_mask)
+    return ScoreJob(
+        token_ids=torch.from_numpy(ids), lengths=lengths, rows=torch.from_numpy(rows), cols=torch.from_numpy(cols),
+        targets=torch.from_numpy(ids[flat + 1]), top_k=request.top_k, codec=codec, temperature=temperature,
+        tail_samples=request.tail_samples, seed=request.seed if request.HasField("seed") else None,
+    )  # fmt: skip
+
+
+def _check_lengths(lengths: tuple[int, ...], total: int, limits: Limits) -> None:
+    if not lengths:
+        raise InvalidArgument("lengths is empty: give the length of every sequence packed in token_ids")
+    for i, length in enumerate(lengths):
+        if length < 1:
+            raise InvalidArgument(f"lengths[{i}] = {length}: sequences must not be empty")
+        if length > limits.max_seq_len:
+            raise InvalidArgument(f"lengths[{i}] = {length} is longer than this teacher's maximum sequence length "
+                                  f"{limits.max_seq_len}")
+    if sum(lengths) != total:
+        raise InvalidArgument(f"lengths sum to {sum(lengths)} but token_ids holds {total} ids")
+    if total > limits.max_batch_tokens:
+        raise InvalidArgument(f"token_ids holds {total} tokens, more than max_batch_tokens = "
+                              f"{limits.max_batch_tokens}: split the batch into several requests")
+
+
+def _scored_positions(lengths: tuple[int, ...], score_mask) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sequence, position, flat index) of every scored position: flagged and not last of its sequence."""
+    sizes = np.asarray(lengths, dtype=np.int64)
+    rows = np.repeat(np.arange(sizes.size), sizes)
+    flat = np.arange(sizes.sum())
+    cols = flat - (np.cumsum(sizes) - sizes)[rows]
+    scored = cols < sizes[rows] - 1
+    if score_mask:
+        scored &= np.asarray(score_mask, dtype=bool)
+    return rows[scored], cols[scored], flat[scored]
