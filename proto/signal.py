@@ -87,21 +87,22 @@ class TeacherSignal:
     def num_tail_samples(self) -> int:
         return 0 if self.tail_sample_ids is None else self.tail_sample_ids.shape[-1]
 
-    def _map(self, fn) -> TeacherSignal:
+    def map_tensors(self, fn) -> TeacherSignal:
+        """The signal with ``fn`` applied to every tensor field (positions are the leading dims)."""
         return TeacherSignal(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
                                 for f in dataclasses.fields(self)})
 
     def flatten(self) -> TeacherSignal:
         """The same signal with the positions flattened to one dimension ``[N]``."""
         n = self.target_logprob.numel()
-        return self._map(lambda t: t.reshape(n, *t.shape[self.target_logprob.dim():]))
+        return self.map_tensors(lambda t: t.reshape(n, *t.shape[self.target_logprob.dim():]))
 
     def select(self, rows: torch.Tensor) -> TeacherSignal:
         """Rows of a flattened signal: ``rows`` is a 1-D index tensor into ``[N]``."""
-        return self._map(lambda t: t.index_select(0, rows))
+        return self.map_tensors(lambda t: t.index_select(0, rows))
 
     def to(self, device: torch.device | str) -> TeacherSignal:
-        return self._map(lambda t: t.to(device))
+        return self.map_tensors(lambda t: t.to(device))
 
 
 @torch.no_grad()

