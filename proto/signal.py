@@ -185,12 +185,19 @@ def _one_hot_mask(cols: torch.Tensor, vocab: int) -> torch.Tensor:
 def _sample_tail(masked_logits, logp, tail_logprob, m, generator):
     """Draw m ids per row from softmax(masked_logits) (the tail distribution) with their log p.
 
+    Systematic sampling: one uniform offset u per row and the m points (u + j) / m, j < m, on the
+    tail's CDF. Each draw is marginally distributed as the tail, so the mean of any per-token
+    quantity over the m draws is unbiased, and its variance is lower than with independent draws
+    (a token with tail probability >= 1/m is drawn at least once).
     Rows with an empty tail (tail mass 0) get id 0 and log-prob 0: the student multiplies every
     tail estimate by the tail mass, so these placeholders never contribute.
     """
     empty = torch.isneginf(tail_logprob)
     probs = torch.softmax(masked_logits.masked_fill(empty.unsqueeze(1), 0.0), dim=1)
-    ids = torch.multinomial(probs, m, replacement=True, generator=generator)
+    cdf = probs.cumsum(dim=1)
+    offset = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=probs.dtype)
+    points = (offset + torch.arange(m, device=probs.device, dtype=probs.dtype)) / m * cdf[:, -1:]
+    ids = torch.searchsorted(cdf, points, side="right").clamp_(max=probs.shape[1] - 1)
     lps = logp.gather(1, ids)
     ids = ids.masked_fill(empty.unsqueeze(1), 0)
     return ids, lps.masked_fill(empty.unsqueeze(1), 0.0)
