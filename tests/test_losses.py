@@ -264,7 +264,7 @@ def test_half_precision_logits_give_finite_fp32_losses_and_gradients(dtype, loss
     assert loss.dtype == torch.float32 and math.isfinite(loss.item())
     assert s.grad.dtype == dtype and torch.isfinite(s.grad.float()).all()
     reference = LOSSES[loss_name](student.to(dtype).float(), teacher.to(dtype).float(), targets)
-    assert float(loss) == pytest.approx(float(reference), rel=1e-5)
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("loss_name", ["atkd", *BASELINES])
