@@ -273,7 +273,7 @@ def test_a_batch_without_valid_tokens_gives_zero_with_a_graph(loss_name):
     targets = torch.full(student.shape[:-1], -100)
     s = student.clone().requires_grad_()
     loss = LOSSES[loss_name](s, teacher, targets)
-    assert float(loss) == 0.0 and loss.requires_grad
+    assert loss.item() == 0.0 and loss.requires_grad
     loss.backward()
     assert torch.count_nonzero(s.grad) == 0
 
@@ -293,7 +293,7 @@ def test_extreme_logit_gaps_stay_finite():
     for name in ("atkd", "forward_kl", "reverse_kl", "jsd"):
         loss = LOSSES[name](student, teacher, targets)
         loss.backward()
-        assert math.isfinite(float(loss)) and torch.isfinite(student.grad).all(), name
+        assert math.isfinite(loss.item()) and torch.isfinite(student.grad).all(), name
         student.grad = None
 
 
