@@ -156,7 +156,9 @@ def compress(
         out["topk_ids"].append(topk_ids)
         out["topk_logprobs"].append(topk_logprobs)
 
-        masked = z.masked_fill(has_target.unsqueeze(1) & _one_hot_mask(tgt_col, vocab), float("-inf"))
+        masked = z.clone()
+        rows_with_target = has_target.nonzero().squeeze(1)
+        masked[rows_with_target, tgt[rows_with_target]] = float("-inf")
         non_target = torch.logsumexp(masked, dim=1) - log_norm.squeeze(1)
         out["target_logprob"].append(torch.where(has_target, logp.gather(1, tgt_col).squeeze(1), 0.0))
         out["uncertainty"].append(torch.where(has_target, non_target.exp(), 0.0))
@@ -175,11 +177,6 @@ def compress(
             flat = torch.cat(parts)
             fields[name] = flat.reshape(*positions, *flat.shape[1:])
     return TeacherSignal(**fields)
-
-
-def _one_hot_mask(cols: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Boolean ``[n, V]`` mask that is True at ``cols[:, 0]`` in each row."""
-    return torch.zeros(cols.shape[0], vocab, dtype=torch.bool, device=cols.device).scatter_(1, cols, True)
 
 
 def _sample_tail(masked_logits, logp, tail_logprob, m, generator):

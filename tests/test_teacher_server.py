@@ -26,6 +26,7 @@ from proto import generate
 from proto import teacher_pb2 as pb
 from proto import teacher_pb2_grpc as pb_grpc
 from proto.fingerprint import tokenizer_fingerprint
+from proto.metadata import CLIENT_ID_KEY
 from services.teacher.cli import add_config_flags, parse_config
 from services.teacher.config import TeacherConfig
 from services.teacher.engine import weights_digest
@@ -53,7 +54,7 @@ def shared(tiny_model_dir, tiny_teacher_engine):
 
 def stub(server: ServerThread, client: str = "test", channel_options=()) -> tuple[pb_grpc.TeacherStub, tuple]:
     channel = grpc.insecure_channel(server.address, options=list(channel_options))
-    return pb_grpc.TeacherStub(channel), (("atkd-client-id", client),)
+    return pb_grpc.TeacherStub(channel), ((CLIENT_ID_KEY, client),)
 
 
 def request(sequences=((1, 2, 3, 4),), request_id="r", **fields) -> pb.ScoreRequest:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import grpc
 
+from proto.metadata import AUTHORIZATION_KEY, bearer
+
 OPEN_METHODS_PREFIX = "/grpc.health.v1.Health/"
 
 
@@ -34,14 +36,14 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Lets a call through only with ``authorization: Bearer <token>`` (health checks always pass)."""
 
     def __init__(self, token: str):
-        self._expected = f"Bearer {token}".encode()
+        self._expected = bearer(token).encode()
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(OPEN_METHODS_PREFIX):
             return handler
         metadata = dict(handler_call_details.invocation_metadata or ())
-        if hmac.compare_digest(metadata.get("authorization", "").encode(), self._expected):
+        if hmac.compare_digest(metadata.get(AUTHORIZATION_KEY, "").encode(), self._expected):
             return handler
         return _refusing(handler)
 

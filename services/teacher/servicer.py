@@ -14,13 +14,13 @@ import grpc
 from proto import teacher_pb2 as pb
 from proto import teacher_pb2_grpc as pb_grpc
 from proto.codec import encode_signal
+from proto.metadata import CLIENT_ID_KEY
 
 from .errors import InvalidArgument, ServiceError
 from .metrics import TeacherMetrics
 from .request import Limits, parse_request
 from .scheduler import Scheduler
 
-CLIENT_ID_KEY = "atkd-client-id"
 _WAKE = object()  # wakes a ScoreStream to check whether it should end
 
 

@@ -36,9 +36,9 @@ from proto import teacher_pb2 as pb
 from proto import teacher_pb2_grpc as pb_grpc
 from proto.codec import codec_name, codec_value, decode_signal
 from proto.fingerprint import tokenizer_fingerprint
+from proto.metadata import AUTHORIZATION_KEY, CLIENT_ID_KEY, bearer
 from proto.signal import IGNORE_INDEX, TeacherSignal
 
-CLIENT_ID_KEY = "atkd-client-id"
 _STATUS_BY_VALUE = {status.value[0]: status for status in grpc.StatusCode}
 
 
@@ -184,7 +184,7 @@ class TeacherClient:
         self.client_id = client_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         if token_file is not None:
             token = Path(token_file).read_text().strip()
-        self._metadata = ((CLIENT_ID_KEY, self.client_id),) + ((("authorization", f"Bearer {token}"),) if token else ())
+        self._metadata = ((CLIENT_ID_KEY, self.client_id),) + (((AUTHORIZATION_KEY, bearer(token)),) if token else ())
         options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
         if tls_root_cert:
             roots = None if tls_root_cert is True else (
