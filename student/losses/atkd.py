@@ -27,6 +27,8 @@ import math
 
 import torch
 
+from proto.signal import TeacherSignal
+
 from .batch import LossBatch, Teacher, fused_chunked_sum
 from .buckets import Normalised, bucket_sum
 from .divergences import Divergence, ReverseKL, get_divergence
@@ -36,9 +38,8 @@ SPLIT_RULES = ("median", "topk", "none")
 
 def teacher_uncertainty(batch: LossBatch, chunk_size: int | None = None) -> torch.Tensor:
     """UnC = 1 - p_g of the teacher at the N valid positions, ``[N]`` (no grad)."""
-    signal = batch.teacher
-    if signal is not None and not isinstance(signal, torch.Tensor):
-        return signal.uncertainty.index_select(0, batch.valid_rows).to(batch.work_dtype)
+    if isinstance(batch.teacher, TeacherSignal):
+        return batch.teacher.uncertainty.index_select(0, batch.valid_rows).to(batch.work_dtype)
     if batch.num_valid == 0:
         return torch.zeros(0, dtype=batch.work_dtype, device=batch.logits.device)
     return torch.cat([batch.teacher_normalised(chunk).uncertainty for chunk in batch.chunks(chunk_size)])
