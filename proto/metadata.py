@@ -4,6 +4,8 @@
 CLIENT_ID_KEY = "atkd-client-id"
 #: Carries ``Bearer <token>`` when the teacher requires authentication.
 AUTHORIZATION_KEY = "authorization"
+#: Names the Ray Serve application that Serve's gRPC proxy routes a call to (Ray Serve backend only).
+APPLICATION_KEY = "application"
 
 
 def bearer(token: str) -> str:

@@ -36,7 +36,7 @@ from proto import teacher_pb2 as pb
 from proto import teacher_pb2_grpc as pb_grpc
 from proto.codec import codec_name, codec_value, decode_signal
 from proto.fingerprint import tokenizer_fingerprint
-from proto.metadata import AUTHORIZATION_KEY, CLIENT_ID_KEY, bearer
+from proto.metadata import APPLICATION_KEY, AUTHORIZATION_KEY, CLIENT_ID_KEY, bearer
 from proto.signal import IGNORE_INDEX, TeacherSignal
 
 _STATUS_BY_VALUE = {status.value[0]: status for status in grpc.StatusCode}
@@ -157,6 +157,8 @@ class TeacherClient:
     ``token`` / ``token_file``: bearer token for a server started with auth. ``tls_root_cert``: PEM
     of the CA to trust (or True for the system roots) to connect over TLS. ``top_k``, ``codec``
     and ``timeout`` (seconds per unary call) are defaults that every call may override.
+    ``application``: the Ray Serve application to route to (sent as the ``application`` metadata that
+    Serve's gRPC proxy routes on); leave it None for a plain teacher server.
     """
 
     def __init__(
@@ -169,6 +171,7 @@ class TeacherClient:
         token_file: Path | None = None,
         tls_root_cert: Path | bytes | bool | None = None,
         client_id: str | None = None,
+        application: str | None = None,
         top_k: int = 64,
         codec: str = "fp16",
         timeout: float | None = 60.0,
@@ -185,6 +188,8 @@ class TeacherClient:
         if token_file is not None:
             token = Path(token_file).read_text().strip()
         self._metadata = ((CLIENT_ID_KEY, self.client_id),) + (((AUTHORIZATION_KEY, bearer(token)),) if token else ())
+        if application:
+            self._metadata += ((APPLICATION_KEY, application),)
         options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
         if tls_root_cert:
             roots = None if tls_root_cert is True else (
