@@ -157,7 +157,10 @@ class TeacherServer:
         receive, send = message_limits(config)
         server = grpc.aio.server(
             interceptors=[BearerTokenInterceptor(token)] if token else None,
-            options=[("grpc.max_receive_message_length", receive), ("grpc.max_send_message_length", send)],
+            options=[("grpc.max_receive_message_length", receive), ("grpc.max_send_message_length", send),
+                     # accept the clients' keepalive pings (every 30 s by default) even while a batch computes
+                     ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+                     ("grpc.keepalive_permit_without_calls", 1)],
         )
         limits = Limits(vocab_size=self.engine.vocab_size, max_seq_len=self.engine.max_seq_len,
                         max_batch_tokens=config.max_batch_tokens, max_top_k=config.top_k_max,

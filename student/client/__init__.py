@@ -1,6 +1,7 @@
 """The student's client of the teacher logit service (``services/teacher``)."""
 
 from .teacher_client import (
+    PendingScore,
     ScoreBatch,
     TeacherClient,
     TeacherError,
@@ -9,4 +10,7 @@ from .teacher_client import (
     next_token_targets,
 )
 
-__all__ = ["ScoreBatch", "TeacherClient", "TeacherError", "TeacherInfo", "TeacherMismatchError", "next_token_targets"]
+__all__ = [
+    "PendingScore", "ScoreBatch", "TeacherClient", "TeacherError", "TeacherInfo", "TeacherMismatchError",
+    "next_token_targets",
+]

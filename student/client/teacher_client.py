@@ -7,6 +7,15 @@ as is. The last position of each sequence, padding and positions masked out by `
 not scored: their signal fields are zeros and their target is -100. To score every one of T
 positions, send T + 1 tokens and drop the last position.
 
+Several replicas: ``address`` may be a list of ``host:port`` (the client balances calls over them
+with gRPC's ``round_robin`` policy) or one ``dns:///name:port`` whose resolver returns every replica
+behind the name (a Kubernetes headless Service). Idempotent calls (all of them: a score is a pure
+function of the request, tail samples included when a seed is sent) are retried by gRPC itself on
+UNAVAILABLE and RESOURCE_EXHAUSTED, through the channel's service config, and land on another replica
+when one is down; on top of that :class:`PendingScore` keeps retrying with backoff for
+``retry_budget`` seconds, so a student outlives a teacher restart and fails with a clear error only when
+no replica came back.
+
 Packing and unpacking use numpy, not torch: small torch ops start OpenMP teams that compete with
 the training step's for the CPU.
 
@@ -18,9 +27,12 @@ have one; a teacher without a tokenizer publishes an empty hash and only its siz
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import json
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -40,6 +52,53 @@ from proto.metadata import APPLICATION_KEY, AUTHORIZATION_KEY, CLIENT_ID_KEY, be
 from proto.signal import IGNORE_INDEX, TeacherSignal
 
 _STATUS_BY_VALUE = {status.value[0]: status for status in grpc.StatusCode}
+TEACHER_SERVICE = pb.DESCRIPTOR.services_by_name["Teacher"].full_name
+#: Failures worth another attempt: the replica is gone or restarting, or it sheds load.
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+
+
+def service_config(max_attempts: int = 5) -> dict:
+    """The channel's service config: round_robin over every resolved replica, and gRPC retries (at most
+    5 attempts, gRPC's cap; exponential backoff from 0.1 s to 2 s) of every Teacher method on
+    :data:`RETRYABLE` codes. A retry picks the next replica, so a dead one costs one failed attempt."""
+    return {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "methodConfig": [{
+            "name": [{"service": TEACHER_SERVICE}],
+            "retryPolicy": {"maxAttempts": max_attempts, "initialBackoff": "0.1s", "maxBackoff": "2s",
+                            "backoffMultiplier": 2, "retryableStatusCodes": sorted(c.name for c in RETRYABLE)},
+        }],
+    }  # fmt: skip
+
+
+def channel_target(address: str | Sequence[str]) -> str:
+    """The gRPC target for one or more replicas.
+
+    One address is used as given (``host:port``, ``dns:///name:port``, ``unix:...``). Several become
+    one ``ipv4:`` or ``ipv6:`` target listing them all; host names among them are resolved here, once.
+    """
+    addresses = [address] if isinstance(address, str) else list(address)
+    if not addresses:
+        raise ValueError("no teacher address given")
+    if len(addresses) == 1:
+        return addresses[0]
+    resolved = []
+    for entry in addresses:
+        host, sep, port = entry.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ValueError(f"teacher address {entry!r} must be host:port when several are given")
+        host = host.strip("[]")
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            ip = ipaddress.ip_address(socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0][4][0])
+        resolved.append((ip, int(port)))
+    versions = {ip.version for ip, _ in resolved}
+    if len(versions) > 1:
+        raise ValueError(f"teacher addresses mix IPv4 and IPv6: {addresses}")
+    if versions == {4}:
+        return "ipv4:" + ",".join(f"{ip}:{port}" for ip, port in resolved)
+    return "ipv6:" + ",".join(f"[{ip}]:{port}" for ip, port in resolved)
 
 
 class TeacherError(RuntimeError):
@@ -157,13 +216,16 @@ class TeacherClient:
     ``token`` / ``token_file``: bearer token for a server started with auth. ``tls_root_cert``: PEM
     of the CA to trust (or True for the system roots) to connect over TLS. ``top_k``, ``codec``
     and ``timeout`` (seconds per unary call) are defaults that every call may override.
+    ``address``: one endpoint, or a list of replicas (see the module docstring). ``retry_budget``: seconds
+    :class:`PendingScore` keeps retrying a batch on :data:`RETRYABLE` failures. ``keepalive_s``: HTTP/2
+    ping interval, so that a replica that vanished without closing its connection is noticed.
     ``application``: the Ray Serve application to route to (sent as the ``application`` metadata that
     Serve's gRPC proxy routes on); leave it None for a plain teacher server.
     """
 
     def __init__(
         self,
-        address: str,
+        address: str | Sequence[str],
         *,
         tokenizer: Any = None,
         vocab_size: int | None = None,
@@ -175,9 +237,12 @@ class TeacherClient:
         top_k: int = 64,
         codec: str = "fp16",
         timeout: float | None = 60.0,
+        retry_budget: float = 60.0,
+        keepalive_s: float = 30.0,
     ):
         codec_value(codec)  # fail early on a typo
-        self.address = address
+        self.address = address if isinstance(address, str) else ",".join(address)
+        self.retry_budget = retry_budget
         self.top_k = top_k
         self.codec = codec
         self.timeout = timeout
@@ -190,13 +255,16 @@ class TeacherClient:
         self._metadata = ((CLIENT_ID_KEY, self.client_id),) + (((AUTHORIZATION_KEY, bearer(token)),) if token else ())
         if application:
             self._metadata += ((APPLICATION_KEY, application),)
-        options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+        target = channel_target(address)
+        options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1),
+                   ("grpc.service_config", json.dumps(service_config())), ("grpc.enable_retries", 1),
+                   ("grpc.keepalive_time_ms", int(keepalive_s * 1000)), ("grpc.keepalive_timeout_ms", 10_000)]
         if tls_root_cert:
             roots = None if tls_root_cert is True else (
                 tls_root_cert if isinstance(tls_root_cert, bytes) else Path(tls_root_cert).read_bytes())
-            self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(roots), options)
+            self._channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(roots), options)
         else:
-            self._channel = grpc.insecure_channel(address, options)
+            self._channel = grpc.insecure_channel(target, options)
         self._stub = pb_grpc.TeacherStub(self._channel)
 
     def info(self) -> TeacherInfo:
@@ -239,12 +307,28 @@ class TeacherClient:
 
         ``options``: ``top_k``, ``codec``, ``temperature``, ``tail_samples``, ``seed``, ``timeout_ms``.
         """
+        return self.score_async(input_ids, lengths, score_mask, timeout=timeout, **options).result()
+
+    def score_async(
+        self,
+        input_ids: torch.Tensor | Sequence[Sequence[int]],
+        lengths: torch.Tensor | Sequence[int] | None = None,
+        score_mask: torch.Tensor | None = None,
+        *,
+        timeout: float | None = None,
+        **options: Any,
+    ) -> PendingScore:
+        """Send the batch now; the signal comes from ``.result()`` (arguments as in :meth:`score`).
+
+        Several pending scores are in flight at once (spread over the replicas); each is retried on
+        its own, so a failure delays only its batch and never reorders the caller's batches.
+        """
         self._ensure_checked()
         batch = ScoreBatch.of(input_ids, lengths, score_mask)
-        with _teacher_errors():
-            response = self._stub.Score(self._request(batch, "0", options), metadata=self._metadata,
-                                        timeout=timeout or self.timeout)
-        return batch.unpack(decode_signal(response.signal))
+        request = self._request(batch, "0", options)
+        return PendingScore(lambda: self._stub.Score.future(request, metadata=self._metadata,
+                                                            timeout=timeout or self.timeout),
+                            batch, self.retry_budget, self.address)
 
     def score_stream(
         self, batches: Iterable[ScoreBatch | torch.Tensor], *, in_flight: int = 4, **options: Any
@@ -326,6 +410,43 @@ class TeacherClient:
         options = {"top_k": self.top_k, "codec": self.codec, **options}
         options["codec"] = codec_value(options["codec"])
         return batch.to_request(request_id, **options)
+
+
+class PendingScore:
+    """A Score call in flight; :meth:`result` waits for it, retrying :data:`RETRYABLE` failures."""
+
+    def __init__(self, call: Any, batch: ScoreBatch, retry_budget: float, address: str):
+        self._call = call
+        self._batch = batch
+        self._budget = retry_budget
+        self._address = address
+        self._future = call()
+        self.attempts = 1
+
+    def result(self) -> TeacherSignal:
+        """The signal ``[B, T]``; retries with backoff (0.2 s doubling to 5 s) until ``retry_budget`` s
+        after the first failure, then raises :class:`TeacherError` with the last status."""
+        give_up_at, backoff = None, 0.2
+        while True:
+            try:
+                response = self._future.result()
+                return self._batch.unpack(decode_signal(response.signal))
+            except grpc.RpcError as error:
+                code, details = error.code(), error.details() or ""
+            now = time.monotonic()
+            give_up_at = give_up_at or now + self._budget
+            if code not in RETRYABLE or now + backoff > give_up_at:
+                if code in RETRYABLE:
+                    details = (f"no teacher replica at {self._address} answered for {self._budget:.0f} s "
+                               f"({self.attempts} attempts); last error: {details}")
+                raise TeacherError(code, details)
+            time.sleep(backoff)
+            backoff = min(2 * backoff, 5.0)
+            self._future = self._call()
+            self.attempts += 1
+
+    def cancel(self) -> None:
+        self._future.cancel()
 
 
 @contextmanager

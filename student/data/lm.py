@@ -30,10 +30,12 @@ def encode_corpus(text: str, tokenizer: PreTrainedTokenizerBase) -> torch.LongTe
 @dataclass
 class LMBatch:
     """A causal-LM batch: ``input_ids [B, T]`` and ``targets [B, T]``, where ``targets[b, t]`` is the
-    token after ``input_ids[b, t]`` (``-100``: ignored)."""
+    token after ``input_ids[b, t]`` (``-100``: ignored); ``example_ids [B]``: the dataset indices of
+    its rows when it was drawn from a :class:`~student.data.examples.Examples`."""
 
     input_ids: torch.LongTensor
     targets: torch.LongTensor
+    example_ids: torch.LongTensor | None = None
 
 
 def _windows(ids: torch.LongTensor, starts: torch.Tensor, seq_len: int) -> LMBatch:
