@@ -1,4 +1,5 @@
-"""The tokenizer fingerprint that teacher and student compare before the first batch.
+"""Fingerprints: of the tokenizer, which teacher and student compare before the first batch, and of
+a model's weights, which names the teacher's revision (in ``Info`` and in a signal cache's manifest).
 
 Teacher and student must map text to the same ids: the teacher publishes this fingerprint in
 ``Info.tokenizer_hash`` and the client refuses a teacher whose fingerprint differs from its own.
@@ -8,7 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -37,3 +41,14 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
         "special_tokens": special,
     }
     return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
+
+
+def weights_digest(directory: Path) -> str:
+    """sha256 over the model's weight files in ``directory`` (names and contents, in name order)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(directory).iterdir() if p.suffix in WEIGHT_SUFFIXES):
+        digest.update(path.name.encode())
+        with path.open("rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()

@@ -7,8 +7,9 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from proto import teacher_pb2 as pb
+from proto.fingerprint import weights_digest
 from proto.signal import compress
-from services.teacher.engine import TeacherEngine, resolve_device, resolve_dtype, weights_digest
+from services.teacher.engine import TeacherEngine, resolve_device, resolve_dtype
 from services.teacher.errors import InvalidArgument
 from services.teacher.request import Limits, parse_request
 

@@ -25,11 +25,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from proto import generate
 from proto import teacher_pb2 as pb
 from proto import teacher_pb2_grpc as pb_grpc
-from proto.fingerprint import tokenizer_fingerprint
+from proto.fingerprint import tokenizer_fingerprint, weights_digest
 from proto.metadata import CLIENT_ID_KEY
 from services.teacher.cli import add_config_flags, parse_config
 from services.teacher.config import TeacherConfig
-from services.teacher.engine import weights_digest
 from student.client import ScoreBatch, TeacherClient, TeacherError
 from tests.teacher_harness import GatedEngine, ServerThread, http_get, reference_signals, wait_until
 

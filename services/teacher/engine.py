@@ -16,7 +16,6 @@ rows of the logits it returns.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,14 +23,13 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from proto.fingerprint import tokenizer_fingerprint
+from proto.fingerprint import tokenizer_fingerprint, weights_digest
 from proto.signal import TeacherSignal, compress, rows_per_chunk
 
 from .request import ScoreJob
 
 log = logging.getLogger(__name__)
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
@@ -47,17 +45,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, dtype)
-
-
-def weights_digest(directory: Path) -> str:
-    """sha256 over the model's weight files (names and contents, in name order)."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in Path(directory).iterdir() if p.suffix in WEIGHT_SUFFIXES):
-        digest.update(path.name.encode())
-        with path.open("rb") as handle:
-            while block := handle.read(1 << 20):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def directory_tokenizer_hash(directory: Path) -> str:

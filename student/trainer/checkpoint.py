@@ -1,0 +1,105 @@
+"""Checkpoints that resume exactly.
+
+A checkpoint is a directory ``<output_dir>/checkpoints/step-00000100/`` holding
+
+- the student as a Hugging Face model directory (``config.json`` + safetensors; loadable on its own),
+- ``trainer_state.pt``: optimizer and LR-schedule state, the RNG states (torch CPU and CUDA, Python),
+  the step, the data position (micro-batches consumed, see :class:`student.data.examples.BatchOrder`)
+  and the tokens seen.
+
+On CPU an interrupted run resumed from its last checkpoint ends with the same weights as an
+uninterrupted one: the data order and the tail-sample seeds are functions of the data position, and
+everything stateful is in the checkpoint. Writes are atomic (a temporary directory renamed into place),
+so a run killed while saving leaves the previous checkpoint intact; only the newest ``keep`` are kept.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+
+STATE_FILE = "trainer_state.pt"
+PREFIX = "step-"
+
+
+@dataclass
+class TrainState:
+    """Where a run is: optimizer ``step``s done, ``micro_batch``es consumed (per rank), ``tokens`` trained on
+    (all ranks)."""
+
+    step: int = 0
+    micro_batch: int = 0
+    tokens: int = 0
+
+
+def checkpoint_dir(output_dir: Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def save_checkpoint(output_dir: Path, model: PreTrainedModel, optimizer: torch.optim.Optimizer,
+                    schedule: torch.optim.lr_scheduler.LRScheduler, state: TrainState, keep: int = 2) -> Path:
+    """Write the checkpoint of ``state.step`` and delete all but the newest ``keep``; returns its path."""
+    root = checkpoint_dir(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{state.step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+    model.save_pretrained(tmp)
+    torch.save({
+        "state": asdict(state),
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+    }, tmp / STATE_FILE)  # fmt: skip
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for old in list_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = checkpoint_dir(output_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob(f"{PREFIX}*") if (p / STATE_FILE).is_file())
+
+
+def load_checkpoint(path: Path, model: PreTrainedModel, optimizer: torch.optim.Optimizer,
+                    schedule: torch.optim.lr_scheduler.LRScheduler) -> TrainState:
+    """Restore model weights, optimizer, schedule and RNG states from ``path``; returns its state."""
+    from safetensors.torch import load_model
+
+    path = Path(path)
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint ({STATE_FILE} missing)")
+    saved = torch.load(path / STATE_FILE, weights_only=True)
+    weights = sorted(path.glob("*.safetensors"))
+    if len(weights) != 1:
+        raise ValueError(f"{path}: expected one model.safetensors, found {[w.name for w in weights]}")
+    missing, unexpected = load_model(model, weights[0], strict=False)
+    params = model.state_dict()
+    loaded = {params[name].data_ptr() for name in params if name not in missing}
+    untied = [name for name in missing if params[name].data_ptr() not in loaded]  # tied weights are stored once
+    if untied or unexpected:
+        raise ValueError(f"{path} does not fit the student: missing {untied}, unexpected {unexpected}")
+    optimizer.load_state_dict(saved["optimizer"])
+    schedule.load_state_dict(saved["schedule"])
+    torch.set_rng_state(saved["rng"]["torch"])
+    random.setstate(_as_tuples(saved["rng"]["python"]))
+    if saved["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+    return TrainState(**saved["state"])
+
+
+def _as_tuples(value):
+    """random.setstate wants the nested tuples that torch.save may hand back as lists."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value

@@ -1,0 +1,130 @@
+"""``atkd-student``: train a student, evaluate it, or export teacher signals once for many students.
+
+    atkd-student train --config run.yaml [--resume [CHECKPOINT]] [--dotted.key value ...]
+    atkd-student eval --config run.yaml [--model DIR] [--max-new-tokens 64] [--dotted.key value ...]
+    atkd-student export-cache --config run.yaml --out DIR [--shard-size 1024] [--dotted.key value ...]
+
+Every field of :class:`~student.trainer.config.TrainConfig` can be set in the YAML file and overridden
+with ``--section.field value`` (see :mod:`student.trainer.config`). Configuration errors name the field
+and exit with status 2; a teacher that does not fit the student exits with status 3 before any step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from transformers.utils import logging as hf_logging
+
+from proto.fingerprint import tokenizer_fingerprint
+from student.client import TeacherError, TeacherMismatchError
+from student.signal_cache import CacheManifest, CacheMismatchError, export_signals
+
+from .config import TrainConfig, load_config
+from .loop import FINAL_DIR, evaluate, train
+from .setup import build_teacher, load_examples, load_tokenizer, resolve_device, teacher_identity
+
+log = logging.getLogger("atkd-student")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="atkd-student", description="ATKD student: distil from a teacher")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("train", help="distil the student (see the config's teacher, loss, optim)")
+    run.add_argument("--resume", nargs="?", const=True, default=False, type=_path_or_true,
+                     help="continue from the newest checkpoint in output_dir, or from CHECKPOINT")
+    evaluate_cmd = commands.add_parser("eval", help="held-out perplexity and accuracy (+ ROUGE-L for instructions)")
+    evaluate_cmd.add_argument("--model", type=Path, help="model directory (default: output_dir/final)")
+    evaluate_cmd.add_argument("--max-new-tokens", type=int, default=64, help="instruction data: generation length")
+    evaluate_cmd.add_argument("--max-examples", type=int, default=200, help="instruction data: prompts to generate for")
+    export = commands.add_parser("export-cache", help="score the training data once and write a signal cache")
+    export.add_argument("--out", type=Path, required=True, help="cache directory to write")
+    export.add_argument("--shard-size", type=int, default=1024, help="examples per shard file")
+    for command in (run, evaluate_cmd, export):
+        command.add_argument("--config", type=Path, help="YAML file of the TrainConfig")
+    args, overrides = parser.parse_known_args(argv)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    hf_logging.disable_progress_bar()
+    try:
+        config = load_config(args.config, overrides)
+    except (ValueError, OSError) as error:
+        parser.exit(2, f"atkd-student: config error{f' in {args.config}' if args.config else ''}:\n{error}\n")
+    try:
+        if args.command == "train":
+            result = train(config, resume=args.resume)
+            print(json.dumps({"step": result.state.step, "tokens": result.state.tokens,
+                              "stopped_early": result.stopped_early,
+                              "final": str(result.final_dir) if result.final_dir else None,
+                              "eval": asdict(result.eval) if result.eval else None}))
+        elif args.command == "eval":
+            print(json.dumps(run_eval(config, args.model, args.max_new_tokens, args.max_examples)))
+        else:
+            manifest = export_cache(config, args.out, args.shard_size)
+            print(json.dumps({"cache": str(args.out), "examples": manifest.num_examples}))
+    except (TeacherMismatchError, CacheMismatchError) as error:
+        parser.exit(3, f"atkd-student: {error}\n")
+    except TeacherError as error:
+        parser.exit(4, f"atkd-student: teacher failed: {error}\n")
+    except (FileNotFoundError, ValueError) as error:
+        parser.exit(2, f"atkd-student: {error}\n")
+
+
+def run_eval(config: TrainConfig, model_dir: Path | None, max_new_tokens: int, max_examples: int) -> dict:
+    """Perplexity and accuracy on the eval data (or the training data when none is set); for instruction
+    data also greedy generations scored by ROUGE-L against the reference responses."""
+    from student.evaluation import evaluate_generation
+    from student.models import load_model
+
+    model_dir = model_dir or Path(config.output_dir) / FINAL_DIR
+    tokenizer = load_tokenizer(config.tokenizer or config.student)
+    examples = load_examples(config.data, tokenizer, "eval") or load_examples(config.data, tokenizer, "train")
+    model = load_model(model_dir, device=str(resolve_device(config.device)))
+    report = {"model": str(model_dir), **asdict(evaluate(model, examples, config))}
+    if config.data.kind == "instruction":
+        count = min(max_examples, len(examples.prompts))
+        generated = evaluate_generation(model, tokenizer, examples.prompts[:count], examples.responses[:count],
+                                        max_new_tokens=max_new_tokens, batch_size=config.batch_size)
+        report["rouge_l"] = generated["rouge_l"]
+        report["generated"] = generated["examples"]
+    return report
+
+
+def export_cache(config: TrainConfig, out_dir: Path, shard_size: int) -> CacheManifest:
+    """Score the training data with the config's teacher (remote or local) and write a signal cache."""
+    teacher_config = config.teacher
+    if teacher_config is None or teacher_config.mode == "cache":
+        raise ValueError("export-cache needs teacher.mode remote or local")
+    from student.models import load_model
+
+    tokenizer = load_tokenizer(config.tokenizer or config.student)
+    examples = load_examples(config.data, tokenizer, "train")
+    student = load_model(config.student)
+    teacher = build_teacher(teacher_config, tokenizer, student, examples, client_name="export-cache")
+    model_id, revision = teacher_identity(teacher_config, teacher)
+    shard_size = max(config.batch_size, shard_size // config.batch_size * config.batch_size)
+    manifest = CacheManifest(
+        teacher_model_id=model_id, teacher_revision=revision, tokenizer_hash=tokenizer_fingerprint(tokenizer),
+        vocab_size=student.config.vocab_size, dataset_fingerprint=examples.fingerprint, dataset_kind=examples.kind,
+        num_examples=len(examples), seq_len=examples.seq_len, top_k=teacher_config.top_k,
+        tail_samples=teacher_config.tail_samples, temperature=teacher_config.temperature,
+        codec=teacher_config.codec if teacher_config.mode == "remote" else "fp32", shard_size=shard_size,
+    )  # fmt: skip
+    try:
+        return export_signals(teacher, examples, out_dir, manifest, batch_size=config.batch_size,
+                              prefetch=teacher_config.prefetch, seed=config.seed, progress=config.progress)
+    finally:
+        teacher.close()
+
+
+def _path_or_true(value: str) -> Path:
+    return Path(value)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

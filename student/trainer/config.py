@@ -1,0 +1,163 @@
+"""The training job's configuration: one typed object, loaded from YAML, every field overridable.
+
+    atkd-student train --config run.yaml --teacher.mode local --optim.lr 1e-3 --max_steps 200
+
+A flag is a dotted path into the config (``-`` and ``_`` are the same); its value is read as YAML, so
+``10`` is an int, ``true`` a bool and ``[a, b]`` a list. Unknown keys and bad values are errors that
+name the field, e.g. ``teacher.top_k: Input should be greater than or equal to 1``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from student.losses import LOSSES
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(Section):
+    kind: Literal["text", "instruction"] = Field("text", description="packed plain text, or prompt/response JSONL")
+    train: list[Path] = Field(description="text: .txt files or directories of them; instruction: .jsonl files")
+    eval: list[Path] = Field([], description="held-out data of the same kind (optional)")
+    seq_len: int = Field(128, ge=2, description="tokens per example (packed windows; instruction: padded length)")
+    prompt_field: str = Field("prompt", description="instruction data: key of the prompt")
+    response_field: str = Field("response", description="instruction data: key of the response")
+    eval_batches: int | None = Field(50, ge=1, description="batches of held-out data per evaluation (None: all)")
+
+    @field_validator("train", "eval", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, (str, Path)) else value
+
+
+class TeacherSourceConfig(Section):
+    mode: Literal["remote", "local", "cache"] = Field("remote", description="where teacher signals come from")
+    addresses: list[str] = Field([], description="remote: host:port of each replica, or one dns:///name:port")
+    application: str | None = Field(None, description="remote on Ray Serve: the Serve application name")
+    token_file: Path | None = Field(None, description="remote: file holding the bearer token")
+    token_env: str | None = Field(None, description="remote: environment variable holding the bearer token")
+    tls_root_cert: Path | None = Field(None, description="remote: PEM of the CA to trust (TLS)")
+    timeout_s: float = Field(60.0, gt=0, description="remote: deadline of one Score call")
+    retry_budget_s: float = Field(120.0, ge=0, description="remote: seconds to keep retrying a failed batch")
+    model: Path | None = Field(None, description="local: directory of the teacher model")
+    device: str = Field("auto", description="local: torch device of the teacher")
+    cache_dir: Path | None = Field(None, description="cache: directory written by `atkd-student export-cache`")
+    top_k: int = Field(64, ge=1, description="top-k log-probs per position")
+    tail_samples: int = Field(16, ge=0, description="tokens sampled from the teacher's tail per position")
+    temperature: float = Field(1.0, gt=0, description="softmax temperature of the teacher signal")
+    codec: Literal["fp16", "q8"] = Field("fp16", description="remote: wire encoding of the signal")
+    prefetch: int = Field(2, ge=0, description="batches scored ahead while the student trains")
+
+    @field_validator("addresses", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _mode_needs(self) -> TeacherSourceConfig:
+        needs = {"remote": "addresses", "local": "model", "cache": "cache_dir"}[self.mode]
+        if not getattr(self, needs):
+            raise ValueError(f"teacher.mode={self.mode!r} needs teacher.{needs}")
+        return self
+
+
+class LossConfig(Section):
+    name: str = Field("atkd", description=f"one of {sorted(LOSSES)}")
+    options: dict[str, Any] = Field({}, description="keyword options of the loss, e.g. {lam: 0.2, split: median}")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in LOSSES:
+            raise ValueError(f"unknown loss {value!r}; choose one of {sorted(LOSSES)}")
+        return value
+
+
+class OptimConfig(Section):
+    lr: float = Field(1e-3, gt=0, description="peak learning rate of AdamW")
+    warmup: int = Field(20, ge=0, description="linear warmup steps")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="the cosine ends at lr * min_lr_ratio")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (matrices only)")
+    grad_clip: float = Field(1.0, gt=0, description="max global gradient norm")
+
+
+class TrainConfig(Section):
+    """Everything ``atkd-student train`` needs; defaults suit a laptop CPU."""
+
+    student: Path = Field(description="directory of the student model (HF causal LM) to start from")
+    tokenizer: Path | None = Field(None, description="tokenizer directory (default: the student's)")
+    output_dir: Path = Field(Path("runs/atkd"), description="checkpoints, metrics.jsonl and the final model")
+    data: DataConfig
+    teacher: TeacherSourceConfig | None = Field(None, description="the teacher (every loss but sft needs one)")
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    batch_size: int = Field(8, ge=1, description="examples per micro-batch (per rank)")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps (default: from epochs)")
+    epochs: float | None = Field(None, gt=0, description="passes over the training data (if max_steps is unset)")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast of the student forward")
+    seed: int = Field(0, description="seed of initialisation-independent randomness: data order, tail samples")
+    eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: only at the end)")
+    save_every: int = Field(100, ge=0, description="checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept on disk (the newest)")
+    log_every: int = Field(1, ge=1, description="write metrics every N steps")
+    device: str = Field("auto", description="student device: cpu, cuda, cuda:1 (auto: cuda if available)")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads")
+    progress: bool = Field(True, description="show a progress bar")
+
+    @model_validator(mode="after")
+    def _length(self) -> TrainConfig:
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError("set max_steps or epochs")
+        if self.teacher is None and self.loss.name != "sft":
+            raise ValueError(f"loss {self.loss.name!r} needs a teacher section")
+        return self
+
+
+def load_config(path: Path | None, overrides: Sequence[str] = (), model: type[BaseModel] = TrainConfig):
+    """``model`` from the YAML file at ``path`` (if any) with ``--dotted.key value`` ``overrides`` on top.
+
+    Raises ``ValueError`` with one line per problem, each naming its field.
+    """
+    values: dict = {}
+    if path is not None:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a mapping of option: value, got {type(values).__name__}")
+    for key, value in parse_overrides(overrides):
+        target = values
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target.setdefault(parent, {})
+            if not isinstance(target, dict):
+                raise ValueError(f"--{key}: {parent} is not a section")
+        target[leaf] = value
+    try:
+        return model(**values)
+    except ValidationError as error:
+        raise ValueError("\n".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}"
+                                   for e in error.errors())) from None
+
+
+def parse_overrides(args: Sequence[str]) -> list[tuple[str, Any]]:
+    """``["--a.b-c", "1", "--d=x"]`` -> ``[("a.b_c", 1), ("d", "x")]`` (values parsed as YAML)."""
+    pairs, args = [], list(args)
+    while args:
+        flag = args.pop(0)
+        if not flag.startswith("--"):
+            raise ValueError(f"expected --key value, got {flag!r}")
+        key, sep, value = flag[2:].partition("=")
+        if not sep:
+            if not args:
+                raise ValueError(f"{flag} needs a value")
+            value = args.pop(0)
+        pairs.append((key.replace("-", "_"), yaml.safe_load(value) if value else None))
+    return pairs

@@ -1,0 +1,121 @@
+"""Distillation inside the Hugging Face ``Trainer``: keep an HF training script, swap the loss for KD.
+
+``DistillationTrainer`` is a ``transformers.Trainer`` whose ``compute_loss`` asks a teacher for its
+signal on the batch and returns a loss of :data:`student.losses.LOSSES` (ATKD by default) instead of
+the model's cross entropy. Everything else (optimizer, schedule, accumulation, mixed precision,
+logging, checkpoints, evaluation) is the Trainer's own.
+
+Inputs are HF causal-LM batches as ``DataCollatorForLanguageModeling(mlm=False)`` produces them:
+``input_ids [B, T]``, ``attention_mask [B, T]`` and *unshifted* ``labels [B, T]`` (``labels[b, t]`` is
+the token at position t, -100 on padding and prompt). :func:`lm_batch_from_hf` turns them into the
+project's aligned :class:`~student.data.lm.LMBatch` (``targets[b, t] = labels[b, t + 1]``).
+
+Gradient accumulation: the ATKD split (median / top-k of the teacher's UnC) is taken per micro-batch,
+as in the paper's code, so each micro-batch loss is a mix of group means over its own tokens. The
+Trainer divides each micro-batch loss by the number of accumulation steps, so the update follows the
+mean of the micro-batch losses; ``num_items_in_batch`` (a token count over the whole accumulated
+batch) is not used, since a mix of per-group means has no per-token sum to renormalise.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from proto.signal import TeacherSignal
+from student.data.lm import IGNORE_INDEX, LMBatch
+from student.losses import get_loss
+from student.train_loop import TeacherFn
+
+#: ATKD diagnostics averaged over the micro-batches since the last log and added to the training logs.
+LOGGED_DIAGNOSTICS = ("mean_uncertainty", "n_easy", "n_hard", "loss_easy", "loss_hard")
+
+
+def lm_batch_from_hf(inputs: Mapping[str, torch.Tensor]) -> LMBatch:
+    """The aligned :class:`LMBatch` of an HF causal-LM batch.
+
+    ``targets[b, t] = labels[b, t + 1]`` for ``t < T - 1`` and ``targets[b, T - 1] = -100``; a target is
+    also -100 where ``attention_mask`` is 0 at ``t`` or ``t + 1`` (padding, even when the collator left
+    labels there, e.g. with pad = eos). Without ``labels``, the labels are ``input_ids``. All tensors
+    ``[B, T]``.
+
+    Raises ValueError on left or inner padding: the teachers see ``input_ids`` only (no mask), so the
+    padding must come after the tokens, where a causal model never looks.
+    """
+    input_ids = inputs["input_ids"]
+    labels = inputs.get("labels")
+    labels = input_ids if labels is None else labels
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:, :-1] = labels[:, 1:]
+    mask = inputs.get("attention_mask")
+    if mask is not None:
+        mask = mask.bool()
+        if (mask[:, 1:] & ~mask[:, :-1]).any():
+            raise ValueError("DistillationTrainer needs right padding (tokenizer.padding_side = 'right'): "
+                             "the teacher does not see the attention mask")
+        targets[:, :-1].masked_fill_(~(mask[:, 1:] & mask[:, :-1]), IGNORE_INDEX)
+    return LMBatch(input_ids=input_ids, targets=targets)
+
+
+class DistillationTrainer(Trainer):
+    """``transformers.Trainer`` that distils from ``teacher`` with a loss of :data:`student.losses.LOSSES`.
+
+    Args (besides the Trainer's own):
+        teacher: callable ``LMBatch -> dense logits [B, T, V] | TeacherSignal`` (e.g.
+            :class:`~student.teachers.LocalTeacher`, :class:`~student.teachers.RemoteTeacher`). It gets
+            the batch on the CPU; its output is moved to the student's device.
+        loss: a name of :data:`student.losses.LOSSES` (default "atkd").
+        loss_options: keyword options of that loss (e.g. ``{"lam": 0.2, "split": "median"}``).
+        log_diagnostics: with the ATKD loss, add :data:`LOGGED_DIAGNOSTICS` (means over the training
+            micro-batches since the last log, this process only) to each training log as ``atkd/<name>``.
+            They come from values the loss computes anyway, at the cost of a few host syncs per step.
+
+    The loss per micro-batch is ``loss_fn(student_logits [B, T, V], teacher, targets [B, T])`` on
+    :func:`lm_batch_from_hf` of the inputs; the student gets ``input_ids`` and ``attention_mask`` only.
+    """
+
+    # Each micro-batch loss is a mean over its own tokens: the Trainer divides it by the accumulation steps.
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args, teacher: TeacherFn, loss: str = "atkd", loss_options: dict[str, Any] | None = None,
+                 log_diagnostics: bool = True, **kwargs):
+        loss_fn = get_loss(loss, **(loss_options or {}))  # an unknown name fails before the Trainer is built
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher
+        self.loss_name = loss
+        self.loss_fn = loss_fn
+        self.log_diagnostics = log_diagnostics and loss == "atkd"
+        self._diagnostics: dict[str, list[float]] = defaultdict(list)
+        # Nothing here uses num_items_in_batch: skip counting (and gathering) it every step.
+        self.model_accepts_loss_kwargs = False
+
+    def teacher_signal(self, batch: LMBatch, device: torch.device) -> torch.Tensor | TeacherSignal:
+        """The teacher's output on ``batch`` (sent on the CPU), on ``device``."""
+        cpu_batch = LMBatch(input_ids=batch.input_ids.cpu(), targets=batch.targets.cpu())
+        with torch.no_grad():
+            signal = self.teacher(cpu_batch)
+        return signal.to(device)
+
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        """The distillation loss of one micro-batch (and the student's outputs with ``return_outputs``)."""
+        batch = lm_batch_from_hf(inputs)
+        teacher = self.teacher_signal(batch, batch.input_ids.device)
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
+        if self.log_diagnostics and model.training:
+            loss, diagnostics = self.loss_fn(outputs.logits, teacher, batch.targets, return_diagnostics=True)
+            for name in LOGGED_DIAGNOSTICS:
+                self._diagnostics[name].append(float(diagnostics[name]))
+        else:
+            loss = self.loss_fn(outputs.logits, teacher, batch.targets)
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Trainer logging, with the mean ATKD diagnostics since the last training log added."""
+        if "loss" in logs and self._diagnostics:
+            logs = {**logs, **{f"atkd/{name}": sum(values) / len(values) for name, values in self._diagnostics.items()}}
+            self._diagnostics.clear()
+        super().log(logs, start_time)

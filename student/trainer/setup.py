@@ -1,0 +1,107 @@
+"""Turn a :class:`~student.trainer.config.TrainConfig` into the parts of a run: devices, data, teacher."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from proto.fingerprint import tokenizer_fingerprint, weights_digest
+from student.client import TeacherClient, TeacherMismatchError
+from student.data.examples import Examples, InstructionData, PackedText
+from student.models import load_model
+from student.signal_cache import CachedTeacher, SignalCache
+from student.teachers import LocalTeacher, RemoteTeacher, TeacherSource
+
+from .config import DataConfig, TeacherSourceConfig
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto``: this rank's GPU if there is one, else the CPU."""
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank); joins the process group when started by ``torchrun`` (WORLD_SIZE > 1):
+    NCCL on GPUs, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def load_tokenizer(directory: Path) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+
+
+def load_examples(data: DataConfig, tokenizer: PreTrainedTokenizerBase, split: str = "train") -> Examples | None:
+    """The training (``split="train"``) or held-out (``"eval"``) examples; None when no eval data is set."""
+    paths = data.train if split == "train" else data.eval
+    if not paths:
+        return None
+    if data.kind == "text":
+        return PackedText.from_files(paths, tokenizer, data.seq_len)
+    parts = [InstructionData.from_jsonl(path, tokenizer, data.seq_len, prompt_field=data.prompt_field,
+                                        response_field=data.response_field) for path in paths]
+    if len(parts) == 1:
+        return parts[0]
+    records = [{data.prompt_field: p, data.response_field: r} for part in parts
+               for p, r in zip(part.prompts, part.responses, strict=True)]
+    return InstructionData(records, tokenizer, data.seq_len, data.prompt_field, data.response_field)
+
+
+def build_teacher(config: TeacherSourceConfig, tokenizer: PreTrainedTokenizerBase, student: PreTrainedModel,
+                  examples: Examples, client_name: str = "") -> TeacherSource:
+    """The teacher source of ``config.mode``, checked against the student before it scores anything:
+    same vocabulary width and tokenizer fingerprint (remote, local), and a cache made for this data
+    and these signal options (cache). Raises :class:`TeacherMismatchError` / ``CacheMismatchError``."""
+    vocab_size = student.config.vocab_size
+    if config.mode == "remote":
+        token = os.environ.get(config.token_env) if config.token_env else None
+        client = TeacherClient(
+            config.addresses, tokenizer=tokenizer, vocab_size=vocab_size, token=token, token_file=config.token_file,
+            tls_root_cert=config.tls_root_cert, application=config.application, top_k=config.top_k,
+            codec=config.codec, timeout=config.timeout_s, retry_budget=config.retry_budget_s,
+            client_id=client_name or None,
+        )  # fmt: skip
+        client.check()
+        return RemoteTeacher(client, top_k=config.top_k, codec=config.codec, temperature=config.temperature,
+                             tail_samples=config.tail_samples)
+    if config.mode == "local":
+        model = load_model(config.model, device=str(resolve_device(config.device)))
+        check_local_teacher(config.model, model, tokenizer, vocab_size)
+        return LocalTeacher(model, top_k=config.top_k, temperature=config.temperature,
+                            tail_samples=config.tail_samples)
+    cache = SignalCache(config.cache_dir)
+    cache.check(tokenizer_hash=tokenizer_fingerprint(tokenizer), vocab_size=vocab_size,
+                dataset_fingerprint=examples.fingerprint, seq_len=examples.seq_len, top_k=config.top_k,
+                tail_samples=config.tail_samples, temperature=config.temperature)
+    return CachedTeacher(cache)
+
+
+def check_local_teacher(directory: Path, teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                        vocab_size: int) -> None:
+    """The checks a server's Info allows, for a teacher loaded in this process."""
+    if teacher.config.vocab_size != vocab_size:
+        raise TeacherMismatchError(f"teacher {directory} scores a vocabulary of {teacher.config.vocab_size} tokens, "
+                                   f"the student's has {vocab_size}: teacher and student must share a tokenizer")
+    try:
+        theirs = tokenizer_fingerprint(load_tokenizer(directory))
+    except (OSError, ValueError):
+        return  # no tokenizer saved with the teacher: only the size can be checked
+    if theirs != tokenizer_fingerprint(tokenizer):
+        raise TeacherMismatchError(f"teacher {directory} uses another tokenizer than the student: "
+                                   "teacher and student must share a tokenizer")
+
+
+def teacher_identity(config: TeacherSourceConfig, teacher: TeacherSource) -> tuple[str, str]:
+    """(model id, revision) of a remote or local teacher, for a signal cache's manifest."""
+    if isinstance(teacher, RemoteTeacher):
+        info = teacher.client.info()
+        return info.model_id, info.model_revision
+    return Path(config.model).resolve().name, weights_digest(config.model)

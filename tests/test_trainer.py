@@ -1,0 +1,227 @@
+"""The training job end to end on loopback: through a real teacher server, from a local teacher and from an
+exported cache; resume exactness; config and tokenizer errors before the first step."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from student.client import TeacherMismatchError
+from student.data.tokenizer import train_tokenizer
+from student.losses import atkd_loss
+from student.models import load_model
+from student.signal_cache import CacheMismatchError, SignalCache
+from student.teachers import LocalTeacher
+from student.trainer.cli import export_cache
+from student.trainer.config import load_config
+from student.trainer.loop import train
+from student.trainer.setup import build_teacher, load_examples, load_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, excerpt_paragraphs) -> dict[str, Path]:
+    """train.txt (90% of the excerpt's paragraphs) and eval.txt (the rest)."""
+    root = tmp_path_factory.mktemp("corpus")
+    cut = int(0.9 * len(excerpt_paragraphs))
+    (root / "train.txt").write_text("\n\n".join(excerpt_paragraphs[:cut]))
+    (root / "eval.txt").write_text("\n\n".join(excerpt_paragraphs[cut:]))
+    return {"train": root / "train.txt", "eval": root / "eval.txt"}
+
+
+def run_config(tmp_path: Path, corpus, student_dir: Path, teacher: dict, **overrides):
+    """A small job: GPT-2 student, 32-token windows, 4 per batch; ``overrides`` as dotted CLI flags."""
+    values = {
+        "student": str(student_dir), "output_dir": str(tmp_path / "run"),
+        "data": {"train": str(corpus["train"]), "eval": str(corpus["eval"]), "seq_len": 32, "eval_batches": 4},
+        "teacher": teacher, "batch_size": 4, "max_steps": 8, "save_every": 3, "progress": False,
+        "optim": {"lr": 1e-2, "warmup": 2},
+    }  # fmt: skip
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps(values))  # JSON is YAML
+    flags = [item for key, value in overrides.items() for item in (f"--{key}", json.dumps(value))]
+    return load_config(path, flags)
+
+
+def final_weights(result) -> dict[str, torch.Tensor]:
+    return load_file(next(Path(result.final_dir).glob("*.safetensors")))
+
+
+def heldout_atkd(model_dir: Path, teacher_dir: Path, config) -> float:
+    """ATKD loss of a student on the first held-out batch, with the dense local teacher as reference."""
+    tokenizer = load_tokenizer(model_dir)
+    batch = load_examples(config.data, tokenizer, "eval").batch(range(8))
+    teacher = LocalTeacher(load_model(teacher_dir))
+    with torch.no_grad():
+        logits = load_model(model_dir)(batch.input_ids).logits
+        return atkd_loss(logits, teacher(batch), batch.targets).item()
+
+
+def test_student_distilled_through_the_server_lowers_its_loss(tmp_path, corpus, tiny_model_factory, tiny_model_dir,
+                                                               serve_teacher):
+    server = serve_teacher()
+    config = run_config(tmp_path, corpus, tiny_model_factory("gpt2"),
+                        {"mode": "remote", "addresses": [server.address], "top_k": 16, "tail_samples": 4},
+                        max_steps=30, save_every=0)
+    result = train(config)
+    assert result.state.step == 30 and not result.stopped_early
+    before = heldout_atkd(tiny_model_factory("gpt2"), tiny_model_dir, config)
+    after = heldout_atkd(result.final_dir, tiny_model_dir, config)
+    assert after < 0.8 * before, (before, after)
+    records = [json.loads(line) for line in (config.output_dir / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train_records] == list(range(1, 31))
+    assert {"loss", "n_easy", "n_hard", "mean_uncertainty", "teacher_wait_s", "tokens_per_s"} <= train_records[0].keys()
+    assert train_records[0]["n_easy"] + train_records[0]["n_hard"] == 4 * 32
+    assert records[-1]["kind"] == "eval" and records[-1]["step"] == 30
+
+
+def test_remote_local_and_cache_give_the_same_loss(tmp_path, corpus, tiny_model_factory, tiny_model_dir,
+                                                   serve_teacher):
+    server = serve_teacher()
+    options = {"top_k": 16, "tail_samples": 0, "prefetch": 0}
+    remote = run_config(tmp_path, corpus, tiny_model_factory("gpt2"),
+                        {"mode": "remote", "addresses": [server.address], **options})
+    local = run_config(tmp_path, corpus, tiny_model_factory("gpt2"), {"mode": "local", "model": str(tiny_model_dir),
+                                                                      **options})
+    export_cache(remote, tmp_path / "cache", shard_size=16)
+    cached = run_config(tmp_path, corpus, tiny_model_factory("gpt2"), {"mode": "cache",
+                                                                       "cache_dir": str(tmp_path / "cache"), **options})
+    tokenizer = load_tokenizer(remote.student)
+    examples = load_examples(remote.data, tokenizer)
+    student = load_model(remote.student)
+    batch = examples.batch([5, 40, 17, 33])  # two shards, out of order
+    logits = torch.randn(4, 32, student.config.vocab_size, generator=torch.Generator().manual_seed(0))
+    losses = {}
+    for name, config in {"remote": remote, "local": local, "cache": cached}.items():
+        source = build_teacher(config.teacher, tokenizer, student, examples)
+        losses[name] = atkd_loss(logits, source(batch), batch.targets).item()
+        source.close()
+    assert losses["cache"] == pytest.approx(losses["remote"], rel=1e-6)  # the same fp16 values, stored
+    assert losses["remote"] == pytest.approx(losses["local"], rel=2e-3)  # fp16 codec vs fp32 in process
+
+
+def test_cache_refuses_another_dataset_or_other_options(tmp_path, corpus, tiny_model_factory, tiny_model_dir):
+    teacher = {"mode": "local", "model": str(tiny_model_dir), "top_k": 8, "tail_samples": 0}
+    config = run_config(tmp_path, corpus, tiny_model_factory("gpt2"), teacher)
+    export_cache(config, tmp_path / "cache", shard_size=64)
+    assert SignalCache(tmp_path / "cache").manifest.num_examples == len(load_examples(config.data,
+                                                                                      load_tokenizer(config.student)))
+    for change, field in [({"data.seq_len": 16}, "dataset_fingerprint"), ({"teacher.top_k": 16}, "top_k")]:
+        other = run_config(tmp_path, corpus, tiny_model_factory("gpt2"),
+                           {"mode": "cache", "cache_dir": str(tmp_path / "cache"), "top_k": 8, "tail_samples": 0},
+                           **change)
+        with pytest.raises(CacheMismatchError, match=field):
+            train(other)
+        assert not (other.output_dir / "checkpoints").exists()
+
+
+def test_an_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, corpus, tiny_model_factory,
+                                                                   tiny_model_dir):
+    teacher = {"mode": "local", "model": str(tiny_model_dir), "top_k": 16, "tail_samples": 4, "prefetch": 2}
+    student = tiny_model_factory("gpt2")
+    straight = train(run_config(tmp_path / "a", corpus, student, teacher, grad_accum=2))
+    interrupted_config = run_config(tmp_path / "b", corpus, student, teacher, grad_accum=2)
+    stopped = train(interrupted_config, stop_at=4)  # not a multiple of save_every: a checkpoint is written anyway
+    assert stopped.stopped_early and stopped.state.step == 4 and stopped.final_dir is None
+    resumed = train(interrupted_config, resume=True)
+    assert resumed.state.step == 8 and resumed.state.micro_batch == 16
+    expected, actual = final_weights(straight), final_weights(resumed)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+    log = [json.loads(line) for line in (interrupted_config.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["kind"] == "train"] == list(range(1, 9))
+
+
+def test_sft_needs_no_teacher_and_distillation_does(tmp_path, corpus, tiny_model_factory):
+    with pytest.raises(ValueError, match="needs a teacher"):
+        run_config(tmp_path, corpus, tiny_model_factory("gpt2"), None)
+    result = train(run_config(tmp_path, corpus, tiny_model_factory("gpt2"), None, **{"loss.name": "sft"}))
+    assert result.state.step == 8
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"teacher.top_k": 0}, "teacher.top_k: Input should be greater than or equal to 1"),
+    ({"teacher.modee": "local"}, "teacher.modee: Extra inputs are not permitted"),
+    ({"teacher.mode": "remote"}, "teacher.mode='remote' needs teacher.addresses"),
+    ({"loss.name": "klx"}, "loss.name: Value error, unknown loss 'klx'"),
+    ({"optim.lr": -1}, "optim.lr: Input should be greater than 0"),
+    ({"precision": "fp8"}, "precision: Input should be 'fp32' or 'bf16'"),
+])  # fmt: skip
+def test_config_errors_name_the_field(tmp_path, corpus, tiny_model_factory, tiny_model_dir, flags, message):
+    teacher = {"mode": "local", "model": str(tiny_model_dir)}
+    with pytest.raises(ValueError) as error:
+        run_config(tmp_path, corpus, tiny_model_factory("gpt2"), teacher, **flags)
+    assert message in str(error.value)
+
+
+def test_cli_reports_a_config_error_with_the_field_and_exit_status_2(tmp_path, corpus, tiny_model_factory):
+    config = tmp_path / "bad.yaml"
+    config.write_text(json.dumps({"student": str(tiny_model_factory("gpt2")), "data": {"train": str(corpus["train"])},
+                                  "max_steps": 2, "batch_size": "four", "loss": {"name": "sft"}}))
+    done = subprocess.run([sys.executable, "-m", "student.trainer.cli", "train", "--config", str(config)],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 2
+    assert "batch_size: Input should be a valid integer" in done.stderr
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer_student(tmp_path_factory, excerpt_paragraphs, tiny_model_factory) -> Path:
+    """The tiny GPT-2 with a tokenizer of the same size trained on other text: same vocab width, other ids."""
+    directory = tmp_path_factory.mktemp("other_tokenizer_student")
+    load_model(tiny_model_factory("gpt2")).save_pretrained(directory)
+    reversed_text = [paragraph[::-1] for paragraph in excerpt_paragraphs]
+    train_tokenizer(reversed_text, 512, directory)
+    return directory
+
+
+def test_a_tokenizer_mismatch_fails_before_the_first_step(tmp_path, corpus, other_tokenizer_student, tiny_model_dir,
+                                                          serve_teacher):
+    server = serve_teacher()
+    for teacher in ({"mode": "remote", "addresses": [server.address]}, {"mode": "local", "model": str(tiny_model_dir)}):
+        config = run_config(tmp_path / teacher["mode"], corpus, other_tokenizer_student, teacher)
+        with pytest.raises(TeacherMismatchError, match="must share a tokenizer"):
+            train(config)
+        assert not (config.output_dir / "checkpoints").exists()
+        assert not (config.output_dir / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_stops_at_a_step_boundary_and_resume_matches_an_uninterrupted_run(tmp_path, corpus,
+                                                                                  tiny_model_factory, tiny_model_dir):
+    """A real preemption: the CLI in a subprocess gets SIGTERM at an arbitrary step, and resumes."""
+    teacher = {"mode": "local", "model": str(tiny_model_dir), "top_k": 16, "tail_samples": 4}
+    student = tiny_model_factory("gpt2")
+    straight = train(run_config(tmp_path / "a", corpus, student, teacher, max_steps=60, save_every=0))
+    config = run_config(tmp_path / "b", corpus, student, teacher, max_steps=60, save_every=0)
+    config_file = tmp_path / "b" / "run.json"
+    config_file.write_text(config.model_dump_json())
+    command = [sys.executable, "-m", "student.trainer.cli", "train", "--config", str(config_file)]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    metrics = config.output_dir / "metrics.jsonl"
+    import time
+
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 5):
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended or never started"
+        time.sleep(0.02)
+    process.terminate()
+    summary = json.loads(process.communicate(timeout=60)[0].strip().splitlines()[-1])
+    assert process.returncode == 0 and summary["stopped_early"], summary
+    assert 5 <= summary["step"] < 60
+    resumed = subprocess.run([*command, "--resume"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads(resumed.stdout.strip().splitlines()[-1])["step"] == 60
+    expected = final_weights(straight)
+    actual = load_file(next((config.output_dir / "final").glob("*.safetensors")))
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
