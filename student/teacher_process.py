@@ -23,6 +23,15 @@ def teacher_server(model_dir: Path, *, log_path: Path | None = None, extra_args:
                    start_timeout_s: float = 120.0) -> Iterator[str]:
     """Start ``python -m services.teacher.cli serve --model DIR`` on free loopback ports; yield its
     gRPC address ``127.0.0.1:PORT`` once it serves. Its log goes to ``log_path`` (or is dropped)."""
+    with teacher_process(model_dir, log_path=log_path, extra_args=extra_args,
+                         start_timeout_s=start_timeout_s) as (address, _):
+        yield address
+
+
+@contextmanager
+def teacher_process(model_dir: Path, *, log_path: Path | None = None, extra_args: Sequence[str] = (),
+                    start_timeout_s: float = 120.0) -> Iterator[tuple[str, subprocess.Popen]]:
+    """:func:`teacher_server` that also yields the process, e.g. to kill it in a failure drill."""
     command = [sys.executable, "-m", "services.teacher.cli", "serve", "--model", str(model_dir),
                "--host", "127.0.0.1", "--port", "0", "--http-port", "0", *extra_args]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
@@ -47,7 +56,7 @@ def teacher_server(model_dir: Path, *, log_path: Path | None = None, extra_args:
     try:
         if not serving.wait(start_timeout_s) or not address:
             raise RuntimeError(f"the teacher server did not start (exit code {process.poll()}):\n{''.join(lines)}")
-        yield address[0]
+        yield address[0], process
     finally:
         process.terminate()
         try:
