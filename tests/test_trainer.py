@@ -225,3 +225,28 @@ def test_sigterm_stops_at_a_step_boundary_and_resume_matches_an_uninterrupted_ru
     actual = load_file(next((config.output_dir / "final").glob("*.safetensors")))
     for name in expected:
         assert torch.equal(expected[name], actual[name]), name
+
+
+@pytest.mark.slow
+def test_two_rank_torchrun_matches_one_process_with_gradient_accumulation(tmp_path, corpus, tiny_model_factory,
+                                                                          serve_teacher):
+    """DDP on CPU (gloo), each rank with its own stream to the teacher server: 2 ranks x 4 examples take the
+    steps of 1 process x 4 examples x 2 accumulation steps (the same batches, the ATKD split per micro-batch)."""
+    server = serve_teacher()
+    teacher = {"mode": "remote", "addresses": [server.address], "top_k": 16, "tail_samples": 4}
+    student = tiny_model_factory("gpt2")
+    single = train(run_config(tmp_path / "single", corpus, student, teacher, max_steps=6, grad_accum=2, threads=1))
+    config = run_config(tmp_path / "ddp", corpus, student, teacher, max_steps=6, threads=1)
+    config_file = tmp_path / "ddp.json"
+    config_file.write_text(config.model_dump_json())
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+         "student.trainer.cli", "train", "--config", str(config_file)],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = [json.loads(line) for line in (config.output_dir / "metrics.jsonl").read_text().splitlines()]
+    train_log = [r for r in log if r["kind"] == "train"]
+    assert len(train_log) == 6 and train_log[-1]["tokens"] == 6 * 2 * 4 * 32
+    expected, actual = final_weights(single), load_file(next((config.output_dir / "final").glob("*.safetensors")))
+    worst = max((expected[name] - actual[name]).abs().max().item() for name in expected)
+    assert worst < 1e-4, worst
