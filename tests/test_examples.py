@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from student.data.examples import BatchOrder, InstructionData, PackedText
+from student.data.instructions import dialogue_pairs
 from student.data.lm import IGNORE_INDEX
 
 
@@ -84,3 +85,10 @@ def test_ranks_split_the_global_batch_like_gradient_accumulation():
         assert torch.equal(ranks[1].indices(step), single.indices(2 * step + 1))
     with pytest.raises(ValueError, match="do not fill one global batch"):
         BatchOrder(num_examples=7, batch_size=4, seed=0, world_size=2)
+
+
+def test_dialogue_pairs_answer_a_cue_in_the_next_speakers_voice():
+    text = ("DUKE.\nHapless Aegeon, whom the fates\nhave mark'd.\n\nGAOLER.\nI will, my lord.\n\n[Exeunt.]\n\n"
+            "AEGEON.\nHopeless.\n\nAEGEON.\nAgain.")
+    assert dialogue_pairs(text) == [{"prompt": "Duke: Hapless Aegeon, whom the fates have mark'd.\nGaoler:",
+                                     "response": " I will, my lord."}]

@@ -13,12 +13,13 @@ import torch
 from safetensors.torch import load_file
 
 from student.client import TeacherMismatchError
+from student.data.instructions import dialogue_pairs, write_jsonl
 from student.data.tokenizer import train_tokenizer
 from student.losses import atkd_loss
 from student.models import load_model
 from student.signal_cache import CacheMismatchError, SignalCache
 from student.teachers import LocalTeacher
-from student.trainer.cli import export_cache
+from student.trainer.cli import export_cache, run_eval
 from student.trainer.config import load_config
 from student.trainer.loop import train
 from student.trainer.setup import build_teacher, load_examples, load_tokenizer
@@ -40,7 +41,7 @@ def run_config(tmp_path: Path, corpus, student_dir: Path, teacher: dict, **overr
     """A small job: GPT-2 student, 32-token windows, 4 per batch; ``overrides`` as dotted CLI flags."""
     values = {
         "student": str(student_dir), "output_dir": str(tmp_path / "run"),
-        "data": {"train": str(corpus["train"]), "eval": str(corpus["eval"]), "seq_len": 32, "eval_batches": 4},
+        "data": {"train": str(corpus.get("train")), "eval": str(corpus.get("eval")), "seq_len": 32, "eval_batches": 4},
         "teacher": teacher, "batch_size": 4, "max_steps": 8, "save_every": 3, "progress": False,
         "optim": {"lr": 1e-2, "warmup": 2},
     }  # fmt: skip
@@ -250,3 +251,19 @@ def test_two_rank_torchrun_matches_one_process_with_gradient_accumulation(tmp_pa
     expected, actual = final_weights(single), load_file(next((config.output_dir / "final").glob("*.safetensors")))
     worst = max((expected[name] - actual[name]).abs().max().item() for name in expected)
     assert worst < 1e-4, worst
+
+
+def test_instruction_data_trains_on_responses_and_evaluates_with_rouge_l(tmp_path, excerpt_paragraphs,
+                                                                          tiny_model_factory, tiny_model_dir):
+    records = dialogue_pairs("\n\n".join(excerpt_paragraphs), max_chars=80)
+    data = {"kind": "instruction", "seq_len": 48, "eval_batches": 2,
+            "train": str(write_jsonl(records[:-16], tmp_path / "train.jsonl")),
+            "eval": str(write_jsonl(records[-16:], tmp_path / "eval.jsonl"))}
+    config = run_config(tmp_path, {}, tiny_model_factory("gpt2"),
+                        {"mode": "local", "model": str(tiny_model_dir), "top_k": 16}, max_steps=6, data=data)
+    result = train(config)
+    assert result.eval is not None and result.eval.tokens < 2 * 4 * 47  # response tokens only
+    report = run_eval(config, None, max_new_tokens=6, max_examples=8)
+    assert report["model"] == str(result.final_dir) and report["generated"] == 8
+    assert 0.0 <= report["rouge_l"] <= 100.0
+    assert report["perplexity"] == pytest.approx(result.eval.perplexity)
