@@ -20,19 +20,22 @@ _SERVING = re.compile(r"atkd-teacher serving .* gRPC on (\S+):(\d+), HTTP on (\S
 
 @contextmanager
 def teacher_server(model_dir: Path, *, log_path: Path | None = None, extra_args: Sequence[str] = (),
-                   start_timeout_s: float = 120.0) -> Iterator[str]:
+                   start_timeout_s: float = 120.0, launcher: Sequence[str] = ()) -> Iterator[str]:
     """Start ``python -m services.teacher.cli serve --model DIR`` on free loopback ports; yield its
-    gRPC address ``127.0.0.1:PORT`` once it serves. Its log goes to ``log_path`` (or is dropped)."""
-    with teacher_process(model_dir, log_path=log_path, extra_args=extra_args,
-                         start_timeout_s=start_timeout_s) as (address, _):
+    gRPC address ``127.0.0.1:PORT`` once it serves. Its log goes to ``log_path`` (or is dropped);
+    ``launcher`` prefixes the command (e.g. ``["taskset", "-c", "0"]`` to pin the teacher to a core)."""
+    with teacher_process(model_dir, log_path=log_path, extra_args=extra_args, start_timeout_s=start_timeout_s,
+                         launcher=launcher) as (address, _):
         yield address
 
 
 @contextmanager
-def teacher_process(model_dir: Path, *, log_path: Path | None = None, extra_args: Sequence[str] = (),
-                    start_timeout_s: float = 120.0) -> Iterator[tuple[str, subprocess.Popen]]:
+def teacher_process(
+    model_dir: Path, *, log_path: Path | None = None, extra_args: Sequence[str] = (), start_timeout_s: float = 120.0,
+    launcher: Sequence[str] = (),
+) -> Iterator[tuple[str, subprocess.Popen]]:
     """:func:`teacher_server` that also yields the process, e.g. to kill it in a failure drill."""
-    command = [sys.executable, "-m", "services.teacher.cli", "serve", "--model", str(model_dir),
+    command = [*launcher, sys.executable, "-m", "services.teacher.cli", "serve", "--model", str(model_dir),
                "--host", "127.0.0.1", "--port", "0", "--http-port", "0", *extra_args]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     address: list[str] = []
