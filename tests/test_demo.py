@@ -13,7 +13,7 @@ from student import demo
 def test_demo_distils_through_a_teacher_server_and_prints_the_table(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ATKD_CACHE", str(tmp_path))
     demo.main(["--source", "excerpt", "--teacher-steps", "20", "--steps", "4", "--batch-size", "4",
-               "--seq-len", "32", "--eval-batches", "2", "--tail-samples", "4"])
+               "--seq-len", "32", "--eval-batches", "2", "--tail-samples", "4", "--output-dir", str(tmp_path / "runs")])
     out = capsys.readouterr().out
     assert "teacher server on 127.0.0.1:" in out
     rows = dict(re.findall(r"^(student after 4 steps of \w+)\s+[\d.]+M\s+([\d.]+)", out, re.MULTILINE))

@@ -151,7 +151,8 @@ def test_sft_needs_no_teacher_and_distillation_does(tmp_path, corpus, tiny_model
 
 
 @pytest.mark.parametrize("flags, message", [
-    ({"teacher.top_k": 0}, "teacher.top_k: Input should be greater than or equal to 1"),
+    ({"teacher.top_k": -1}, "teacher.top_k: Input should be greater than or equal to 0"),
+    ({"teacher.top_k": 0, "teacher.tail_samples": 4}, "teacher.top_k=0 (dense logits) needs"),
     ({"teacher.modee": "local"}, "teacher.modee: Extra inputs are not permitted"),
     ({"teacher.mode": "remote"}, "teacher.mode='remote' needs teacher.addresses"),
     ({"loss.name": "klx"}, "loss.name: Value error, unknown loss 'klx'"),

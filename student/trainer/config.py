@@ -25,7 +25,7 @@ class Section(BaseModel):
 
 class DataConfig(Section):
     kind: Literal["text", "instruction"] = Field("text", description="packed plain text, or prompt/response JSONL")
-    train: list[Path] = Field(description="text: .txt files or directories of them; instruction: .jsonl files")
+    train: list[Path] = Field([], description="text: .txt files or directories of them; instruction: .jsonl files")
     eval: list[Path] = Field([], description="held-out data of the same kind (optional)")
     seq_len: int = Field(128, ge=2, description="tokens per example (packed windows; instruction: padded length)")
     prompt_field: str = Field("prompt", description="instruction data: key of the prompt")
@@ -50,7 +50,7 @@ class TeacherSourceConfig(Section):
     model: Path | None = Field(None, description="local: directory of the teacher model")
     device: str = Field("auto", description="local: torch device of the teacher")
     cache_dir: Path | None = Field(None, description="cache: directory written by `atkd-student export-cache`")
-    top_k: int = Field(64, ge=1, description="top-k log-probs per position")
+    top_k: int = Field(64, ge=0, description="top-k log-probs per position (local only: 0 for dense logits)")
     tail_samples: int = Field(16, ge=0, description="tokens sampled from the teacher's tail per position")
     temperature: float = Field(1.0, gt=0, description="softmax temperature of the teacher signal")
     codec: Literal["fp16", "q8"] = Field("fp16", description="remote: wire encoding of the signal")
@@ -66,6 +66,8 @@ class TeacherSourceConfig(Section):
         needs = {"remote": "addresses", "local": "model", "cache": "cache_dir"}[self.mode]
         if not getattr(self, needs):
             raise ValueError(f"teacher.mode={self.mode!r} needs teacher.{needs}")
+        if self.top_k == 0 and (self.mode != "local" or self.tail_samples):
+            raise ValueError("teacher.top_k=0 (dense logits) needs teacher.mode='local' and tail_samples=0")
         return self
 
 

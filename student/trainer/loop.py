@@ -69,10 +69,13 @@ def total_steps(config: TrainConfig, order: BatchOrder) -> int:
     return max(1, math.ceil(config.epochs * order.per_epoch / config.grad_accum))
 
 
-def train(config: TrainConfig, *, resume: bool | Path = False, stop_at: int | None = None) -> TrainResult:
+def train(config: TrainConfig, *, resume: bool | Path = False, stop_at: int | None = None,
+          train_data: Examples | None = None, eval_data: Examples | None = None) -> TrainResult:
     """Run the job of ``config``; ``resume``: True for the newest checkpoint in ``output_dir``, or a path.
 
     ``stop_at``: stop after this step with a checkpoint, as a preemption would (for tests and drills).
+    ``train_data`` / ``eval_data``: examples built by the caller (e.g. the demo, from token ids it already
+    holds) instead of the files of ``config.data``.
     """
     rank, world, local_rank = init_distributed()
     device = resolve_device(config.device, local_rank)
@@ -85,8 +88,10 @@ def train(config: TrainConfig, *, resume: bool | Path = False, stop_at: int | No
         (output_dir / "config.json").write_text(config.model_dump_json(indent=2) + "\n")
 
     tokenizer = load_tokenizer(config.tokenizer or config.student)
-    train_data = load_examples(config.data, tokenizer, "train")
-    eval_data = load_examples(config.data, tokenizer, "eval")
+    if train_data is None:
+        train_data = load_examples(config.data, tokenizer, "train")
+    if eval_data is None:
+        eval_data = load_examples(config.data, tokenizer, "eval")
     order = BatchOrder(len(train_data), config.batch_size, config.seed, world, rank)
     steps = total_steps(config, order)
 

@@ -43,6 +43,8 @@ def load_examples(data: DataConfig, tokenizer: PreTrainedTokenizerBase, split: s
     """The training (``split="train"``) or held-out (``"eval"``) examples; None when no eval data is set."""
     paths = data.train if split == "train" else data.eval
     if not paths:
+        if split == "train":
+            raise ValueError("data.train: no training data given")
         return None
     if data.kind == "text":
         return PackedText.from_files(paths, tokenizer, data.seq_len)
@@ -75,7 +77,7 @@ def build_teacher(config: TeacherSourceConfig, tokenizer: PreTrainedTokenizerBas
     if config.mode == "local":
         model = load_model(config.model, device=str(resolve_device(config.device)))
         check_local_teacher(config.model, model, tokenizer, vocab_size)
-        return LocalTeacher(model, top_k=config.top_k, temperature=config.temperature,
+        return LocalTeacher(model, top_k=config.top_k or None, temperature=config.temperature,
                             tail_samples=config.tail_samples)
     cache = SignalCache(config.cache_dir)
     cache.check(tokenizer_hash=tokenizer_fingerprint(tokenizer), vocab_size=vocab_size,
