@@ -268,3 +268,8 @@ def test_instruction_data_trains_on_responses_and_evaluates_with_rouge_l(tmp_pat
     assert report["model"] == str(result.final_dir) and report["generated"] == 8
     assert 0.0 <= report["rouge_l"] <= 100.0
     assert report["perplexity"] == pytest.approx(result.eval.perplexity)
+
+
+def test_the_example_config_is_valid():
+    config = load_config(REPO / "docs" / "examples" / "train.yaml")
+    assert config.teacher.mode == "remote" and config.loss.name == "atkd" and config.data.train
