@@ -4,6 +4,7 @@ exported cache; resume exactness; config and tokenizer errors before the first s
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -273,3 +274,15 @@ def test_instruction_data_trains_on_responses_and_evaluates_with_rouge_l(tmp_pat
 def test_the_example_config_is_valid():
     config = load_config(REPO / "docs" / "examples" / "train.yaml")
     assert config.teacher.mode == "remote" and config.loss.name == "atkd" and config.data.train
+
+
+def test_epochs_set_the_length_and_bf16_autocast_trains(tmp_path, corpus, tiny_model_factory, tiny_model_dir):
+    teacher = {"mode": "local", "model": str(tiny_model_dir), "top_k": 16, "tail_samples": 0}
+    config = run_config(tmp_path, corpus, tiny_model_factory("gpt2"), teacher, max_steps=None, epochs=0.05,
+                        precision="bf16", grad_accum=2, batch_size=8)
+    examples = load_examples(config.data, load_tokenizer(config.student))
+    result = train(config)
+    assert result.state.step == math.ceil(0.05 * (len(examples) // 8) / 2)  # micro-batches of 8, 2 per step
+    losses = [json.loads(line)["loss"] for line in (config.output_dir / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line)["kind"] == "train"]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
