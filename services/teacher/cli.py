@@ -1,6 +1,7 @@
 """``atkd-teacher``: the teacher replica's command line.
 
     atkd-teacher serve --model DIR [--config teacher.yaml] [--port 50051 --http-port 8080 ...]
+    atkd-teacher serve --backend ray --model DIR ...    # the same replica as a Ray Serve app on a local Ray
 
 Every field of :class:`~services.teacher.config.TeacherConfig` is a flag (``max_batch_tokens`` ->
 ``--max-batch-tokens``) and a key of the YAML file given with ``--config``; flags override the file.
@@ -39,21 +40,37 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 def parse_config(argv: Sequence[str] | None = None) -> TeacherConfig:
     """The config of ``atkd-teacher serve ARGS``: defaults, then ``--config FILE``, then flags."""
+    return parse_args(argv)[0]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[TeacherConfig, str]:
+    """(config, backend) of ``atkd-teacher serve ARGS``."""
     parser = argparse.ArgumentParser(prog="atkd-teacher", description="ATKD teacher logit service")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve a model over gRPC (and HTTP for probes and metrics)")
     serve.add_argument("--config", type=Path, help="YAML file of options (keys as the flags, with underscores)")
+    serve.add_argument("--backend", choices=("grpc", "ray"), default="grpc",
+                       help="grpc: this process serves gRPC and HTTP; ray: a local Ray runs the replica as a Ray "
+                            "Serve app behind Serve's gRPC proxy on --port and HTTP proxy on --http-port "
+                            "(default: grpc)")
     add_config_flags(serve)
     args = vars(parser.parse_args(argv))
     args.pop("command")
+    backend = args.pop("backend")
     try:
-        return TeacherConfig.load(args.pop("config"), **args)
+        return TeacherConfig.load(args.pop("config"), **args), backend
     except ValidationError as error:
         serve.error(str(error))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    run(parse_config(argv))
+    config, backend = parse_args(argv)
+    if backend == "ray":
+        from .ray_app import run as run_on_ray  # imports Ray: only this backend pays for it
+
+        run_on_ray(config)
+    else:
+        run(config)
 
 
 if __name__ == "__main__":

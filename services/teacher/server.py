@@ -100,7 +100,7 @@ class TeacherServer:
         self.engine = await asyncio.to_thread(self._load_engine)
         if self._phase != "loading model":  # stopped while loading
             return
-        self.info = self._make_info(self.engine)
+        self.info = make_info(self.config, self.engine)
         self.scheduler = Scheduler(
             self.engine.score, self.metrics, max_batch_tokens=self.config.max_batch_tokens,
             max_wait_s=self.config.max_wait_ms / 1000, max_queue_tokens=self.config.queue_tokens,
@@ -162,10 +162,7 @@ class TeacherServer:
                      ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
                      ("grpc.keepalive_permit_without_calls", 1)],
         )
-        limits = Limits(vocab_size=self.engine.vocab_size, max_seq_len=self.engine.max_seq_len,
-                        max_batch_tokens=config.max_batch_tokens, max_top_k=config.top_k_max,
-                        max_tail_samples=config.max_tail_samples)
-        self._servicer = TeacherServicer(self.info, limits, self.scheduler, self.metrics)
+        self._servicer = TeacherServicer(self.info, make_limits(config, self.engine), self.scheduler, self.metrics)
         pb_grpc.add_TeacherServicer_to_server(self._servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         for service in ("", TEACHER_SERVICE):
@@ -180,14 +177,23 @@ class TeacherServer:
         await server.start()
         self._grpc = server
 
-    def _make_info(self, engine: TeacherEngine) -> pb.InfoResponse:
-        return pb.InfoResponse(
-            model_id=engine.model_id, model_revision=engine.revision, vocab_size=engine.vocab_size,
-            tokenizer_hash=engine.tokenizer_hash, max_sequence_length=engine.max_seq_len,
-            max_batch_tokens=self.config.max_batch_tokens, max_top_k=self.config.top_k_max,
-            max_tail_samples=self.config.max_tail_samples, codecs=list(CODECS.values()),
-            dtype=str(engine.dtype).removeprefix("torch."), device=str(engine.device),
-        )  # fmt: skip
+
+def make_limits(config: TeacherConfig, engine: TeacherEngine) -> Limits:
+    """What a replica accepts: the engine's vocabulary and context, the config's batch and signal limits."""
+    return Limits(vocab_size=engine.vocab_size, max_seq_len=engine.max_seq_len,
+                  max_batch_tokens=config.max_batch_tokens, max_top_k=config.top_k_max,
+                  max_tail_samples=config.max_tail_samples)
+
+
+def make_info(config: TeacherConfig, engine: TeacherEngine) -> pb.InfoResponse:
+    """The Info a replica publishes (plain server and Ray Serve replica alike)."""
+    return pb.InfoResponse(
+        model_id=engine.model_id, model_revision=engine.revision, vocab_size=engine.vocab_size,
+        tokenizer_hash=engine.tokenizer_hash, max_sequence_length=engine.max_seq_len,
+        max_batch_tokens=config.max_batch_tokens, max_top_k=config.top_k_max,
+        max_tail_samples=config.max_tail_samples, codecs=list(CODECS.values()),
+        dtype=str(engine.dtype).removeprefix("torch."), device=str(engine.device),
+    )  # fmt: skip
 
 
 def run(config: TeacherConfig) -> None:
