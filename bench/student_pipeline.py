@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--top-k", type=int, default=64)
     parser.add_argument("--tail-samples", type=int, default=16)
-    parser.add_argument("--teacher-dims", type=json.loads, default={"hidden": 256, "layers": 6, "heads": 4})
+    parser.add_argument("--teacher-dims", type=json.loads, default={"hidden": 256, "layers": 4, "heads": 4})
     parser.add_argument("--student-dims", type=json.loads, default={"hidden": 128, "layers": 2, "heads": 4})
     args = parser.parse_args()
     hf_logging.disable_progress_bar()
