@@ -13,9 +13,32 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 _SERVING = re.compile(r"atkd-teacher serving .* gRPC on (\S+):(\d+), HTTP on (\S+):(\d+)")
+
+
+@dataclass
+class TeacherProcess:
+    """A running ``atkd-teacher serve`` child: its ports, the process and the last lines of its log."""
+
+    address: str
+    http_port: int
+    process: subprocess.Popen
+    log: list[str]
+    _reader: threading.Thread
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM (graceful), wait for the exit and the end of its log; returns the exit code."""
+        self.process.terminate()
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait()
+        self._reader.join(5)
+        return code
 
 
 @contextmanager
@@ -25,20 +48,20 @@ def teacher_server(model_dir: Path, *, log_path: Path | None = None, extra_args:
     gRPC address ``127.0.0.1:PORT`` once it serves. Its log goes to ``log_path`` (or is dropped);
     ``launcher`` prefixes the command (e.g. ``["taskset", "-c", "0"]`` to pin the teacher to a core)."""
     with teacher_process(model_dir, log_path=log_path, extra_args=extra_args, start_timeout_s=start_timeout_s,
-                         launcher=launcher) as (address, _):
-        yield address
+                         launcher=launcher) as teacher:
+        yield teacher.address
 
 
 @contextmanager
 def teacher_process(
     model_dir: Path, *, log_path: Path | None = None, extra_args: Sequence[str] = (), start_timeout_s: float = 120.0,
     launcher: Sequence[str] = (),
-) -> Iterator[tuple[str, subprocess.Popen]]:
-    """:func:`teacher_server` that also yields the process, e.g. to kill it in a failure drill."""
+) -> Iterator[TeacherProcess]:
+    """:func:`teacher_server` yielding the whole :class:`TeacherProcess` (to signal or kill it in a drill)."""
     command = [*launcher, sys.executable, "-m", "services.teacher.cli", "serve", "--model", str(model_dir),
                "--host", "127.0.0.1", "--port", "0", "--http-port", "0", *extra_args]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    address: list[str] = []
+    ports: list[tuple[int, int]] = []
     serving = threading.Event()
     lines: list[str] = []
 
@@ -48,23 +71,24 @@ def teacher_process(
                 sink.write(line)
                 sink.flush()
                 lines.append(line)
-                del lines[:-20]
+                del lines[:-50]
                 if match := _SERVING.search(line):
-                    address.append(f"127.0.0.1:{match[2]}")
+                    ports.append((int(match[2]), int(match[4])))
                     serving.set()
         serving.set()  # the process ended
 
     reader = threading.Thread(target=read_log, daemon=True)
     reader.start()
+    teacher = None
     try:
-        if not serving.wait(start_timeout_s) or not address:
+        if not serving.wait(start_timeout_s) or not ports:
             raise RuntimeError(f"the teacher server did not start (exit code {process.poll()}):\n{''.join(lines)}")
-        yield address[0], process
+        teacher = TeacherProcess(f"127.0.0.1:{ports[0][0]}", ports[0][1], process, lines, reader)
+        yield teacher
     finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
+        if teacher is not None:
+            teacher.stop()
+        else:
             process.kill()
             process.wait()
-        reader.join(5)
+            reader.join(5)

@@ -1,4 +1,9 @@
-"""One readable training loop for pre-training (SFT) and distillation.
+"""The minimal in-memory training loop: a model, an iterator of batches, a loss; no files, no network.
+
+It pre-trains the demo's teacher (:func:`student.models.pretrain`) and drives the research benchmarks
+(``bench/sparse_e2e.py``), where only the loss and the signal vary. The training *job* (config file,
+teacher sources with prefetch, checkpoints and resume, DDP, metrics log) is
+:mod:`student.trainer.loop`, which shares this module's optimizer and LR schedule.
 
 Each step, in order: take the next batch; ask the teacher for its signal on it (dense logits or a
 compressed :class:`TeacherSignal`; none for SFT); run the student forward; compute the loss; backward;

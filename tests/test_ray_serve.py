@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
-import subprocess
-import sys
-import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,6 +17,7 @@ from proto import teacher_pb2_grpc as pb_grpc
 from proto.metadata import APPLICATION_KEY, CLIENT_ID_KEY
 from services.teacher.config import TeacherConfig
 from student.client import ScoreBatch, TeacherClient, TeacherError
+from student.teacher_process import teacher_process
 from tests.teacher_harness import http_get, reference_signals
 from tests.test_teacher_server import SEQUENCES, TOLERANCE, assert_matches_reference, request
 
@@ -105,32 +102,12 @@ def test_serve_config_file_is_valid_and_builds_the_app():
 
 def test_cli_ray_backend_serves_and_stops_on_sigterm(tiny_model_dir, tiny_tokenizer):
     """``atkd-teacher serve --backend ray``: its own local Ray; the log line names the ports; SIGTERM stops it."""
-    command = [sys.executable, "-m", "services.teacher.cli", "serve", "--backend", "ray", "--model",
-               str(tiny_model_dir), "--port", "0", "--http-port", "0", "--threads", "1"]
-    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.PIPE,
-                               stdout=subprocess.DEVNULL, text=True)
-    log: list[str] = []
-    serving = threading.Event()
-
-    def read_log():
-        for line in process.stderr:
-            log.append(line)
-            if "atkd-teacher serving" in line:
-                serving.set()
-
-    threading.Thread(target=read_log, daemon=True).start()
-    try:
-        assert serving.wait(120), "".join(log)
-        grpc_port, http_port = map(int, re.search(r"gRPC on .*:(\d+), HTTP on .*:(\d+)", "".join(log)).groups())
-        with TeacherClient(f"127.0.0.1:{grpc_port}", tokenizer=tiny_tokenizer, application=APP_NAME) as client:
+    with teacher_process(tiny_model_dir, extra_args=["--backend", "ray", "--threads", "1"]) as teacher:
+        with TeacherClient(teacher.address, tokenizer=tiny_tokenizer, application=APP_NAME) as client:
             assert client.score([list(range(30))], top_k=4).target_logprob.shape == (1, 30)
-        assert http_get(http_port, "/-/healthz")[0] == 200
-        process.terminate()
-        assert process.wait(60) == 0
-        assert any("atkd-teacher stopped" in line for line in log)
-    finally:
-        process.kill()
-        process.wait()
+        assert http_get(teacher.http_port, "/-/healthz")[0] == 200
+        assert teacher.stop(60) == 0
+        assert any("atkd-teacher stopped" in line for line in teacher.log)
 
 
 def test_student_client_gets_the_plain_servers_signal_through_serve(ray_teacher, serve_teacher, tiny_model_dir,

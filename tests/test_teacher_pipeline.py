@@ -123,14 +123,14 @@ def test_training_batches_survive_a_replica_killed_mid_run(tiny_model_dir, tiny_
     with the signal the survivor computes for it."""
     data = PackedText(torch.randint(0, TINY_VOCAB, (20 * 24 + 1,), generator=torch.Generator().manual_seed(1)), 24)
     batches = [(data.batch([2 * i, 2 * i + 1]), i) for i in range(10)]
-    with teacher_process(tiny_model_dir) as (doomed, process), teacher_server(tiny_model_dir) as survivor:
+    with teacher_process(tiny_model_dir) as doomed, teacher_server(tiny_model_dir) as survivor:
         with TeacherClient(survivor, tokenizer=tiny_tokenizer, top_k=8) as client:
             expected = [RemoteTeacher(client, top_k=8)(batch) for batch, _ in batches]
-        with TeacherClient([doomed, survivor], tokenizer=tiny_tokenizer, top_k=8) as client:
+        with TeacherClient([doomed.address, survivor], tokenizer=tiny_tokenizer, top_k=8) as client:
             got = []
             for number, (batch, output, _) in enumerate(prefetched(RemoteTeacher(client, top_k=8), batches, 3)):
                 if number == 2:
-                    process.send_signal(signal.SIGKILL)
+                    doomed.process.send_signal(signal.SIGKILL)
                 got.append((batch, output))
     assert [int(b.example_ids[0]) for b, _ in got] == [2 * i for i in range(10)]
     for (_, output), reference in zip(got, expected, strict=True):

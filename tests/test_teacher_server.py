@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import argparse
 import filecmp
-import os
 import queue
-import re
 import shutil
 import subprocess
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,6 +27,7 @@ from proto.metadata import CLIENT_ID_KEY
 from services.teacher.cli import add_config_flags, parse_config
 from services.teacher.config import TeacherConfig
 from student.client import ScoreBatch, TeacherClient, TeacherError
+from student.teacher_process import teacher_process
 from tests.teacher_harness import GatedEngine, ServerThread, http_get, reference_signals, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -395,32 +393,13 @@ def test_cli_reads_yaml_and_flags_override_it(tmp_path, tiny_model_dir):
 
 def test_sigterm_finishes_in_flight_work_then_exits(tiny_model_dir):
     """A real ``python -m services.teacher.cli serve`` process: SIGTERM while a request waits in the queue."""
-    command = [sys.executable, "-m", "services.teacher.cli", "serve", "--model", str(tiny_model_dir), "--port", "0",
-               "--http-port", "0", "--max-wait-ms", "60000", "--threads", "1"]
-    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.PIPE,
-                               text=True)
-    log: list[str] = []
-    serving = threading.Event()
-
-    def read_log():
-        for line in process.stderr:
-            log.append(line)
-            if "atkd-teacher serving" in line:
-                serving.set()
-
-    threading.Thread(target=read_log, daemon=True).start()
-    try:
-        assert serving.wait(60), "".join(log)
-        grpc_port, http_port = map(int, re.search(r"gRPC on .*:(\d+), HTTP on .*:(\d+)", "".join(log)).groups())
-        with TeacherClient(f"127.0.0.1:{grpc_port}") as client, ThreadPoolExecutor(1) as pool:
+    with teacher_process(tiny_model_dir, extra_args=["--max-wait-ms", "60000", "--threads", "1"]) as teacher:
+        with TeacherClient(teacher.address) as client, ThreadPoolExecutor(1) as pool:
             pending = pool.submit(client.score, [list(range(30))], top_k=4)
-            wait_until(lambda: "atkd_teacher_queue_requests 1.0" in http_get(http_port, "/metrics")[1],
+            wait_until(lambda: "atkd_teacher_queue_requests 1.0" in http_get(teacher.http_port, "/metrics")[1],
                        what="the request to be queued")
-            process.terminate()  # SIGTERM
+            teacher.process.terminate()  # SIGTERM
             scored = pending.result(30)  # not the 60 s batch wait: draining runs the queue at once
         assert scored.target_logprob.shape == (1, 30) and (scored.target_logprob[0, :29] < 0).all()
-        assert process.wait(30) == 0
-        assert any("atkd-teacher stopped" in line for line in log)
-    finally:
-        process.kill()
-        process.wait()
+        assert teacher.stop() == 0
+        assert any("atkd-teacher stopped" in line for line in teacher.log)

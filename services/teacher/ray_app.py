@@ -12,9 +12,9 @@ DEADLINE_EXCEEDED, UNAVAILABLE) are set on Serve's ``grpc_context``, which the p
 client's call, so a caller sees the same code and message as from the plain server.
 
 Batching: the project's Scheduler inside each replica, not ``@serve.batch``. Measured with
-``python -m bench.ray_throughput`` (docs/benchmarks.md, "Teacher on Ray Serve"), the two batchers give
-the same tokens/s at saturation on CPU within noise (0.85x and 0.88x the plain server, 302 and 300 CPU ms
-per 1000 tokens: the forward dominates either way), and the Scheduler keeps what ``@serve.batch`` lacks:
+``python -m bench.ray_throughput`` (docs/benchmarks.md, "Teacher on Ray Serve"), the Scheduler serves
+0.99x the plain server's tokens/s at saturation on CPU and ``@serve.batch`` 0.91x (292 and 305 CPU ms per
+1000 tokens: the forward dominates either way), and the Scheduler keeps what ``@serve.batch`` lacks:
 a batch budget in tokens rather than in requests (``max_batch_size`` requests of up to
 ``max_batch_tokens`` each can make a batch many times the budget), fairness between student jobs
 (deficit round-robin by tokens), per-client in-flight limits and queue bounds answered with
