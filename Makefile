@@ -31,3 +31,6 @@ bench: $(STAMP)
 	$(PY) -m bench.loss_speed
 	$(PY) -m bench.signal_fidelity
 	$(PY) -m bench.sparse_e2e
+	$(PY) -m bench.teacher_throughput
+	$(PY) -m bench.student_pipeline --steps 30 --rounds 2
+	$(PY) -m bench.ray_throughput --rounds 7
