@@ -23,7 +23,7 @@ from student.teachers import LocalTeacher
 from student.trainer.cli import export_cache, run_eval
 from student.trainer.config import load_config
 from student.trainer.loop import train
-from student.trainer.setup import build_teacher, load_examples, load_tokenizer
+from student.trainer.parts import build_teacher, load_examples, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 

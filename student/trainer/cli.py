@@ -27,7 +27,7 @@ from student.signal_cache import CacheManifest, CacheMismatchError, export_signa
 
 from .config import TrainConfig, load_config
 from .loop import FINAL_DIR, evaluate, train
-from .setup import build_teacher, load_examples, load_tokenizer, resolve_device, teacher_identity
+from .parts import build_teacher, load_examples, load_tokenizer, resolve_device, teacher_identity
 
 log = logging.getLogger("atkd-student")
 

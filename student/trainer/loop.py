@@ -41,7 +41,7 @@ from student.train_loop import make_optimizer
 
 from .checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .setup import build_teacher, init_distributed, load_examples, load_tokenizer, resolve_device
+from .parts import build_teacher, init_distributed, load_examples, load_tokenizer, resolve_device
 
 log = logging.getLogger(__name__)
 
