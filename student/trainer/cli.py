@@ -25,7 +25,7 @@ from proto.fingerprint import tokenizer_fingerprint
 from student.client import TeacherError, TeacherMismatchError
 from student.signal_cache import CacheManifest, CacheMismatchError, export_signals
 
-from .config import TrainConfig, load_config
+from .config import TrainConfig, describe_fields, load_config
 from .loop import FINAL_DIR, evaluate, train
 from .parts import build_teacher, load_examples, load_tokenizer, resolve_device, teacher_identity
 
@@ -35,14 +35,20 @@ log = logging.getLogger("atkd-student")
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="atkd-student", description="ATKD student: distil from a teacher")
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("train", help="distil the student (see the config's teacher, loss, optim)")
+    fields = argparse.RawDescriptionHelpFormatter
+    epilog = "config fields (YAML keys; each is also a flag, e.g. --teacher.mode local):\n" + "\n".join(
+        describe_fields())
+    run = commands.add_parser("train", help="distil the student (see the config's teacher, loss, optim)",
+                              epilog=epilog, formatter_class=fields)
     run.add_argument("--resume", nargs="?", const=True, default=False, type=_path_or_true,
                      help="continue from the newest checkpoint in output_dir, or from CHECKPOINT")
-    evaluate_cmd = commands.add_parser("eval", help="held-out perplexity and accuracy (+ ROUGE-L for instructions)")
+    evaluate_cmd = commands.add_parser("eval", help="held-out perplexity and accuracy (+ ROUGE-L for instructions)",
+                                       epilog=epilog, formatter_class=fields)
     evaluate_cmd.add_argument("--model", type=Path, help="model directory (default: output_dir/final)")
     evaluate_cmd.add_argument("--max-new-tokens", type=int, default=64, help="instruction data: generation length")
     evaluate_cmd.add_argument("--max-examples", type=int, default=200, help="instruction data: prompts to generate for")
-    export = commands.add_parser("export-cache", help="score the training data once and write a signal cache")
+    export = commands.add_parser("export-cache", help="score the training data once and write a signal cache",
+                                 epilog=epilog, formatter_class=fields)
     export.add_argument("--out", type=Path, required=True, help="cache directory to write")
     export.add_argument("--shard-size", type=int, default=1024, help="examples per shard file")
     for command in (run, evaluate_cmd, export):

@@ -163,3 +163,17 @@ def parse_overrides(args: Sequence[str]) -> list[tuple[str, Any]]:
             value = args.pop(0)
         pairs.append((key.replace("-", "_"), yaml.safe_load(value) if value else None))
     return pairs
+
+
+def describe_fields(model: type[BaseModel] = TrainConfig, prefix: str = "") -> list[str]:
+    """One ``--dotted.name  description (default: ...)`` line per field, sections expanded (for ``--help``)."""
+    lines = []
+    for name, field in model.model_fields.items():
+        kinds = [field.annotation, *getattr(field.annotation, "__args__", ())]
+        section = next((k for k in kinds if isinstance(k, type) and issubclass(k, Section)), None)
+        if section is not None:
+            lines.extend(describe_fields(section, f"{prefix}{name}."))
+            continue
+        default = " (required)" if field.is_required() else "" if field.default is None else f" (default: {field.default})"
+        lines.append(f"  --{prefix}{name:<{max(1, 22 - len(prefix))}} {field.description or ''}{default}")
+    return lines
