@@ -286,3 +286,11 @@ def test_epochs_set_the_length_and_bf16_autocast_trains(tmp_path, corpus, tiny_m
     losses = [json.loads(line)["loss"] for line in (config.output_dir / "metrics.jsonl").read_text().splitlines()
               if json.loads(line)["kind"] == "train"]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+def test_help_lists_every_config_field_as_a_flag():
+    done = subprocess.run([sys.executable, "-m", "student.trainer.cli", "train", "--help"], capture_output=True,
+                          text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 0
+    for flag in ("--student", "--data.seq_len", "--teacher.prefetch", "--loss.options", "--optim.lr", "--grad_accum"):
+        assert f"  {flag} " in done.stdout

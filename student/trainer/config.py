@@ -174,6 +174,7 @@ def describe_fields(model: type[BaseModel] = TrainConfig, prefix: str = "") -> l
         if section is not None:
             lines.extend(describe_fields(section, f"{prefix}{name}."))
             continue
-        default = " (required)" if field.is_required() else "" if field.default is None else f" (default: {field.default})"
+        default = "" if field.default is None else f" (default: {field.default})"
+        default = " (required)" if field.is_required() else default
         lines.append(f"  --{prefix}{name:<{max(1, 22 - len(prefix))}} {field.description or ''}{default}")
     return lines
