@@ -115,14 +115,17 @@ class InstructionData(Examples):
             self.targets[row, : max(len(prompt) - 1, 0)] = IGNORE_INDEX  # the prompt predicts nothing
 
     @classmethod
-    def from_jsonl(cls, path: Path, tokenizer: PreTrainedTokenizerBase, seq_len: int, **fields: str):
+    def from_jsonl(cls, paths: Path | Sequence[Path], tokenizer: PreTrainedTokenizerBase, seq_len: int,
+                   **fields: str) -> InstructionData:
+        """The records of one or more JSONL files, in order."""
         records = []
-        for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}:{number}: not a JSON object ({error.msg})") from None
+        for path in [paths] if isinstance(paths, (str, Path)) else paths:
+            for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as error:
+                        raise ValueError(f"{path}:{number}: not a JSON object ({error.msg})") from None
         return cls(records, tokenizer, seq_len, **fields)
 
 

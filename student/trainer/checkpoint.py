@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_model
 from transformers import PreTrainedModel
 
 STATE_FILE = "trainer_state.pt"
@@ -76,8 +77,6 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 def load_checkpoint(path: Path, model: PreTrainedModel, optimizer: torch.optim.Optimizer,
                     schedule: torch.optim.lr_scheduler.LRScheduler) -> TrainState:
     """Restore model weights, optimizer, schedule and RNG states from ``path``; returns its state."""
-    from safetensors.torch import load_model
-
     path = Path(path)
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint ({STATE_FILE} missing)")

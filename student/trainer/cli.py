@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         describe_fields())
     run = commands.add_parser("train", help="distil the student (see the config's teacher, loss, optim)",
                               epilog=epilog, formatter_class=fields)
-    run.add_argument("--resume", nargs="?", const=True, default=False, type=_path_or_true,
+    run.add_argument("--resume", nargs="?", const=True, default=False, type=Path,
                      help="continue from the newest checkpoint in output_dir, or from CHECKPOINT")
     evaluate_cmd = commands.add_parser("eval", help="held-out perplexity and accuracy (+ ROUGE-L for instructions)",
                                        epilog=epilog, formatter_class=fields)
@@ -126,10 +126,6 @@ def export_cache(config: TrainConfig, out_dir: Path, shard_size: int) -> CacheMa
                               prefetch=teacher_config.prefetch, seed=config.seed, progress=config.progress)
     finally:
         teacher.close()
-
-
-def _path_or_true(value: str) -> Path:
-    return Path(value)
 
 
 if __name__ == "__main__":

@@ -86,7 +86,6 @@ class DistillationTrainer(Trainer):
         loss_fn = get_loss(loss, **(loss_options or {}))  # an unknown name fails before the Trainer is built
         super().__init__(*args, **kwargs)
         self.teacher = teacher
-        self.loss_name = loss
         self.loss_fn = loss_fn
         self.log_diagnostics = log_diagnostics and loss == "atkd"
         self._diagnostics: dict[str, list[float]] = defaultdict(list)

@@ -199,12 +199,6 @@ def evaluate(model, examples: Examples, config: TrainConfig) -> LMEval:
     return evaluate_lm(model, batches)
 
 
-def evaluate_checkpoint(config: TrainConfig, model_dir: Path) -> LMEval:
-    tokenizer = load_tokenizer(config.tokenizer or config.student)
-    examples = load_examples(config.data, tokenizer, "eval") or load_examples(config.data, tokenizer, "train")
-    return evaluate(load_model(model_dir, device=str(resolve_device(config.device))), examples, config)
-
-
 def _resume_from(resume: bool | Path, output_dir: Path) -> Path | None:
     if resume is True:
         found = list_checkpoints(output_dir)

@@ -48,13 +48,8 @@ def load_examples(data: DataConfig, tokenizer: PreTrainedTokenizerBase, split: s
         return None
     if data.kind == "text":
         return PackedText.from_files(paths, tokenizer, data.seq_len)
-    parts = [InstructionData.from_jsonl(path, tokenizer, data.seq_len, prompt_field=data.prompt_field,
-                                        response_field=data.response_field) for path in paths]
-    if len(parts) == 1:
-        return parts[0]
-    records = [{data.prompt_field: p, data.response_field: r} for part in parts
-               for p, r in zip(part.prompts, part.responses, strict=True)]
-    return InstructionData(records, tokenizer, data.seq_len, data.prompt_field, data.response_field)
+    return InstructionData.from_jsonl(paths, tokenizer, data.seq_len, prompt_field=data.prompt_field,
+                                      response_field=data.response_field)
 
 
 def build_teacher(config: TeacherSourceConfig, tokenizer: PreTrainedTokenizerBase, student: PreTrainedModel,
