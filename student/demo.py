@@ -53,7 +53,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prefetch", type=int, default=2, help="batches the teacher scores ahead of the student")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/demo"), help="one sub-directory per loss")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prepare-only", type=Path, metavar="DIR",
+                        help="build the assets, copy them to DIR (teacher/, student_init/, data/train.txt, "
+                             "data/eval.txt) and exit: models and text for a deployment to start from")
     return parser.parse_args(argv)
+
+
+def export_assets(assets, out: Path) -> None:
+    """Copy the demo's models and write its text splits under ``out`` (what a deployment mounts)."""
+    import shutil
+
+    from student.data.corpus import DOC_SEP, load_corpus
+
+    corpus = load_corpus(assets.source)
+    for name, source in (("teacher", assets.teacher_dir), ("student_init", assets.student_init_dir)):
+        shutil.copytree(source, out / name, dirs_exist_ok=True)
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    (out / "data" / "train.txt").write_text(corpus.train.replace(DOC_SEP, "\n\n"), encoding="utf-8")
+    (out / "data" / "eval.txt").write_text(corpus.heldout.replace(DOC_SEP, "\n\n"), encoding="utf-8")
 
 
 @contextlib.contextmanager
@@ -86,6 +103,10 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     asset_options = {} if args.teacher_steps is None else {"teacher_steps": args.teacher_steps}
     assets = prepare_demo_assets(source=args.source, **asset_options)
+    if args.prepare_only:
+        export_assets(assets, args.prepare_only)
+        print(f"demo assets written to {args.prepare_only}")
+        return
     teacher = load_model(assets.teacher_dir)
     student_init = load_model(assets.student_init_dir)
     heldout = heldout_batches(assets.heldout_ids, 16, 128, max_batches=args.eval_batches)
