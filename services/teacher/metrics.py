@@ -19,6 +19,8 @@ class TeacherMetrics:
         self.requests = Counter("atkd_teacher_requests", "Score requests answered, by RPC and status code",
                                 ["rpc", "code"], registry=r)
         self.tokens = Counter("atkd_teacher_tokens", "Tokens in the Score requests that were computed", registry=r)
+        self.client_tokens = Counter("atkd_teacher_client_tokens", "Tokens computed, by client id (one series per "
+                                     "student job and rank)", ["client"], registry=r)
         self.positions = Counter("atkd_teacher_scored_positions", "Positions scored", registry=r)
         self.response_bytes = Counter("atkd_teacher_response_bytes", "Bytes of Score responses sent, by codec",
                                       ["codec"], registry=r)

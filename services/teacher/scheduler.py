@@ -233,6 +233,8 @@ class Scheduler:
             compute_s = loop.time() - started
             self._metrics.forward_seconds.observe(compute_s)
             self._metrics.tokens.inc(tokens)
+            for pending in batch:
+                self._metrics.client_tokens.labels(pending.client).inc(pending.job.tokens)
             self._metrics.positions.inc(sum(job.num_positions for job in jobs))
             for pending, signal in zip(batch, signals, strict=True):
                 if not pending.future.done():
