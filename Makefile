@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m student.demo
+	$(PY) -m atkd.student.demo
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from student.losses import atkd_loss, forward_kl
+from atkd.student.losses import atkd_loss, forward_kl
 
 
 def plain_forward_kl(student, teacher, targets):

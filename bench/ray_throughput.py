@@ -6,8 +6,8 @@ The model, request shape and server flags of ``bench.teacher_throughput`` (a ran
 sequences of 256 tokens, top-64 fp16, batches of up to 2048 tokens, 5 ms batch wait, ``--threads``
 torch threads); each request holds 4 sequences (1024 tokens), so a batch holds two requests. Variants,
 all up at once on the same machine, measured in turn in every round:
-  * plain: ``python -m services.teacher.cli serve`` in a subprocess (``bench.teacher_throughput.Server``);
-  * serve/scheduler: the Ray Serve app of ``services.teacher.ray_app`` (one replica, the Scheduler inside);
+  * plain: ``python -m atkd.services.teacher.cli serve`` in a subprocess (``bench.teacher_throughput.Server``);
+  * serve/scheduler: the Ray Serve app of ``atkd.services.teacher.ray_app`` (one replica, the Scheduler inside);
   * serve/@serve.batch: the same replica with ``@serve.batch(max_batch_size=2)`` in place of the Scheduler.
 Saturation: ``--clients`` student clients with 2 ``score_async`` calls each in flight (the student's
 prefetch; 8 requests, four batches' worth, at the defaults), and the same clients on ``ScoreStream`` with 2
@@ -38,13 +38,13 @@ import torch
 from ray import serve
 
 from bench.teacher_throughput import BATCH_TOKENS, SEQ, TOP_K, VOCAB, Server, build_model
-from proto import teacher_pb2 as pb
-from services.teacher.config import TeacherConfig
-from services.teacher.engine import TeacherEngine
-from services.teacher.ray_app import GRPC_SERVICER_FUNCTIONS, ROOT, TeacherReplica, application, free_port
-from services.teacher.request import ScoreJob
-from services.teacher.scheduler import Scored
-from student.client import ScoreBatch, TeacherClient
+from atkd.proto import teacher_pb2 as pb
+from atkd.services.teacher.config import TeacherConfig
+from atkd.services.teacher.engine import TeacherEngine
+from atkd.services.teacher.ray_app import GRPC_SERVICER_FUNCTIONS, ROOT, TeacherReplica, application, free_port
+from atkd.services.teacher.request import ScoreJob
+from atkd.services.teacher.scheduler import Scored
+from atkd.student.client import ScoreBatch, TeacherClient
 
 SEQUENCES_PER_REQUEST = 4
 REQUEST_TOKENS = SEQUENCES_PER_REQUEST * SEQ
@@ -173,7 +173,7 @@ def cpu_seconds() -> Counter[str]:
 def _role(pid: int, title: str) -> str:
     if pid == os.getpid():
         return "bench (clients)"
-    if "services.teacher.cli" in title:
+    if "atkd.services.teacher.cli" in title:
         return "plain server"
     if title.startswith("ray::ServeReplica"):
         return "replica " + title.split(":")[3]  # ray::ServeReplica:APP:DEPLOYMENT

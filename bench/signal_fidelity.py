@@ -19,12 +19,12 @@ import statistics
 import torch
 from transformers.utils import logging as hf_logging
 
-from proto.signal import compress
-from student.assets import prepare_demo_assets
-from student.data.lm import heldout_batches, random_batches
-from student.losses import atkd_loss, cross_entropy
-from student.models import load_model
-from student.train_loop import OptimConfig, train
+from atkd.proto.signal import compress
+from atkd.student.assets import prepare_demo_assets
+from atkd.student.data.lm import heldout_batches, random_batches
+from atkd.student.losses import atkd_loss, cross_entropy
+from atkd.student.models import load_model
+from atkd.student.train_loop import OptimConfig, train
 
 KS = (8, 16, 32, 64, 128, 256)
 

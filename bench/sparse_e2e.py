@@ -17,12 +17,12 @@ import time
 
 from transformers.utils import logging as hf_logging
 
-from student.assets import prepare_demo_assets
-from student.data.lm import heldout_batches, random_batches
-from student.losses import get_loss
-from student.models import evaluate_lm, load_model
-from student.teachers import LocalTeacher
-from student.train_loop import OptimConfig, train
+from atkd.student.assets import prepare_demo_assets
+from atkd.student.data.lm import heldout_batches, random_batches
+from atkd.student.losses import get_loss
+from atkd.student.models import evaluate_lm, load_model
+from atkd.student.teachers import LocalTeacher
+from atkd.student.train_loop import OptimConfig, train
 
 
 def main() -> None:

@@ -31,15 +31,15 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
-from student.client import TeacherClient
-from student.data.corpus import EXCERPT_PATH
-from student.data.examples import PackedText
-from student.data.tokenizer import train_tokenizer
-from student.models import build_model
-from student.teacher_process import teacher_server
-from student.trainer.cli import export_cache
-from student.trainer.config import load_config
-from student.trainer.loop import METRICS_FILE, train
+from atkd.student.client import TeacherClient
+from atkd.student.data.corpus import EXCERPT_PATH
+from atkd.student.data.examples import PackedText
+from atkd.student.data.tokenizer import train_tokenizer
+from atkd.student.models import build_model
+from atkd.student.teacher_process import teacher_server
+from atkd.student.trainer.cli import export_cache
+from atkd.student.trainer.config import load_config
+from atkd.student.trainer.loop import METRICS_FILE, train
 
 VOCAB = 4096
 WARMUP_STEPS = 3

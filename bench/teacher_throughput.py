@@ -45,13 +45,13 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from proto import teacher_pb2_grpc as pb_grpc
-from proto.codec import codec_value, decode_signal, encode_signal
-from proto.signal import compress
-from services.teacher.engine import TeacherEngine
-from services.teacher.request import Limits, parse_request
-from student.client import ScoreBatch, TeacherClient
-from student.losses import atkd_loss
+from atkd.proto import teacher_pb2_grpc as pb_grpc
+from atkd.proto.codec import codec_value, decode_signal, encode_signal
+from atkd.proto.signal import compress
+from atkd.services.teacher.engine import TeacherEngine
+from atkd.services.teacher.request import Limits, parse_request
+from atkd.student.client import ScoreBatch, TeacherClient
+from atkd.student.losses import atkd_loss
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB, BATCH, SEQ, TOP_K = 8192, 8, 256, 64
@@ -75,10 +75,10 @@ def batches(count: int, seed: int) -> list[ScoreBatch]:
 
 
 class Server:
-    """``python -m services.teacher.cli serve`` in a subprocess; its ports come from its log."""
+    """``python -m atkd.services.teacher.cli serve`` in a subprocess; its ports come from its log."""
 
     def __init__(self, model_dir: Path, threads: int):
-        command = [sys.executable, "-m", "services.teacher.cli", "serve", "--model", str(model_dir), "--port", "0",
+        command = [sys.executable, "-m", "atkd.services.teacher.cli", "serve", "--model", str(model_dir), "--port", "0",
                    "--http-port", "0", "--threads", str(threads), "--max-batch-tokens", str(BATCH_TOKENS),
                    "--max-wait-ms", "5", "--top-k-max", "256", "--max-queue-tokens", str(16 * BATCH_TOKENS)]
         self.process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},

@@ -1,4 +1,4 @@
-"""A :class:`~proto.signal.TeacherSignal` on the wire: tensors as dtype + shape + little-endian bytes, two codecs.
+"""A :class:`~atkd.proto.signal.TeacherSignal` on the wire: tensors as dtype + shape + little-endian bytes, two codecs.
 
 Every tensor travels as a ``Tensor`` message (never pickle, never repeated floats). The signal of N
 scored positions (flattened, shapes ``[N]``, ``[N, k]``, ``[N, m]``) is encoded by one of two codecs;
@@ -28,8 +28,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from proto import teacher_pb2 as pb
-from proto.signal import TeacherSignal
+from atkd.proto import teacher_pb2 as pb
+from atkd.proto.signal import TeacherSignal
 
 #: Codec names as a client or config spells them, and their wire value.
 CODECS = {"fp16": pb.CODEC_FP16, "q8": pb.CODEC_Q8}

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from proto import teacher_pb2 as proto_dot_teacher__pb2
+from atkd.proto import teacher_pb2 as atkd_dot_proto_dot_teacher__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in proto/teacher_pb2_grpc.py depends on'
+        + ' but the generated code in atkd/proto/teacher_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,18 +36,18 @@ class TeacherStub:
         """
         self.Info = channel.unary_unary(
                 '/atkd.teacher.v1.Teacher/Info',
-                request_serializer=proto_dot_teacher__pb2.InfoRequest.SerializeToString,
-                response_deserializer=proto_dot_teacher__pb2.InfoResponse.FromString,
+                request_serializer=atkd_dot_proto_dot_teacher__pb2.InfoRequest.SerializeToString,
+                response_deserializer=atkd_dot_proto_dot_teacher__pb2.InfoResponse.FromString,
                 _registered_method=True)
         self.Score = channel.unary_unary(
                 '/atkd.teacher.v1.Teacher/Score',
-                request_serializer=proto_dot_teacher__pb2.ScoreRequest.SerializeToString,
-                response_deserializer=proto_dot_teacher__pb2.ScoreResponse.FromString,
+                request_serializer=atkd_dot_proto_dot_teacher__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=atkd_dot_proto_dot_teacher__pb2.ScoreResponse.FromString,
                 _registered_method=True)
         self.ScoreStream = channel.stream_stream(
                 '/atkd.teacher.v1.Teacher/ScoreStream',
-                request_serializer=proto_dot_teacher__pb2.ScoreRequest.SerializeToString,
-                response_deserializer=proto_dot_teacher__pb2.ScoreResponse.FromString,
+                request_serializer=atkd_dot_proto_dot_teacher__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=atkd_dot_proto_dot_teacher__pb2.ScoreResponse.FromString,
                 _registered_method=True)
 
 
@@ -83,18 +83,18 @@ def add_TeacherServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
-                    request_deserializer=proto_dot_teacher__pb2.InfoRequest.FromString,
-                    response_serializer=proto_dot_teacher__pb2.InfoResponse.SerializeToString,
+                    request_deserializer=atkd_dot_proto_dot_teacher__pb2.InfoRequest.FromString,
+                    response_serializer=atkd_dot_proto_dot_teacher__pb2.InfoResponse.SerializeToString,
             ),
             'Score': grpc.unary_unary_rpc_method_handler(
                     servicer.Score,
-                    request_deserializer=proto_dot_teacher__pb2.ScoreRequest.FromString,
-                    response_serializer=proto_dot_teacher__pb2.ScoreResponse.SerializeToString,
+                    request_deserializer=atkd_dot_proto_dot_teacher__pb2.ScoreRequest.FromString,
+                    response_serializer=atkd_dot_proto_dot_teacher__pb2.ScoreResponse.SerializeToString,
             ),
             'ScoreStream': grpc.stream_stream_rpc_method_handler(
                     servicer.ScoreStream,
-                    request_deserializer=proto_dot_teacher__pb2.ScoreRequest.FromString,
-                    response_serializer=proto_dot_teacher__pb2.ScoreResponse.SerializeToString,
+                    request_deserializer=atkd_dot_proto_dot_teacher__pb2.ScoreRequest.FromString,
+                    response_serializer=atkd_dot_proto_dot_teacher__pb2.ScoreResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -122,8 +122,8 @@ class Teacher:
             request,
             target,
             '/atkd.teacher.v1.Teacher/Info',
-            proto_dot_teacher__pb2.InfoRequest.SerializeToString,
-            proto_dot_teacher__pb2.InfoResponse.FromString,
+            atkd_dot_proto_dot_teacher__pb2.InfoRequest.SerializeToString,
+            atkd_dot_proto_dot_teacher__pb2.InfoResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -149,8 +149,8 @@ class Teacher:
             request,
             target,
             '/atkd.teacher.v1.Teacher/Score',
-            proto_dot_teacher__pb2.ScoreRequest.SerializeToString,
-            proto_dot_teacher__pb2.ScoreResponse.FromString,
+            atkd_dot_proto_dot_teacher__pb2.ScoreRequest.SerializeToString,
+            atkd_dot_proto_dot_teacher__pb2.ScoreResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -176,8 +176,8 @@ class Teacher:
             request_iterator,
             target,
             '/atkd.teacher.v1.Teacher/ScoreStream',
-            proto_dot_teacher__pb2.ScoreRequest.SerializeToString,
-            proto_dot_teacher__pb2.ScoreResponse.FromString,
+            atkd_dot_proto_dot_teacher__pb2.ScoreRequest.SerializeToString,
+            atkd_dot_proto_dot_teacher__pb2.ScoreResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,9 +1,9 @@
 """`make demo`: distil a tiny student from a tiny teacher with ATKD, next to an SFT-only student.
 
 Builds (or reuses from the cache) the corpus, tokenizer, a pre-trained teacher and a smaller
-student initialisation (:mod:`student.assets`); starts the teacher as a real server process on
+student initialisation (:mod:`atkd.student.assets`); starts the teacher as a real server process on
 loopback (``atkd-teacher serve``, or in this process with ``--teacher local``); then runs the
-training job of ``atkd-student train`` (:func:`student.trainer.loop.train`: prefetching client,
+training job of ``atkd-student train`` (:func:`atkd.student.trainer.loop.train`: prefetching client,
 checkpoints, metrics log) once per requested loss, from the same initialisation, seed and batches,
 and prints held-out perplexity and next-token accuracy before and after. The student receives
 compressed signals (top-k log-probs, exact target log-prob, uncertainty, tail mass, tail samples)
@@ -20,14 +20,14 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
-from student.assets import prepare_demo_assets
-from student.data.examples import PackedText
-from student.data.lm import heldout_batches
-from student.losses import LOSSES, get_loss
-from student.models import LMEval, evaluate_lm, load_model
-from student.teacher_process import teacher_server
-from student.trainer.config import DataConfig, LossConfig, OptimConfig, TeacherSourceConfig, TrainConfig
-from student.trainer.loop import train
+from atkd.student.assets import prepare_demo_assets
+from atkd.student.data.examples import PackedText
+from atkd.student.data.lm import heldout_batches
+from atkd.student.losses import LOSSES, get_loss
+from atkd.student.models import LMEval, evaluate_lm, load_model
+from atkd.student.teacher_process import teacher_server
+from atkd.student.trainer.config import DataConfig, LossConfig, OptimConfig, TeacherSourceConfig, TrainConfig
+from atkd.student.trainer.loop import train
 
 DEFAULT_TAIL_SAMPLES = 16
 
@@ -63,7 +63,7 @@ def export_assets(assets, out: Path) -> None:
     """Copy the demo's models and write its text splits under ``out`` (what a deployment mounts)."""
     import shutil
 
-    from student.data.corpus import DOC_SEP, load_corpus
+    from atkd.student.data.corpus import DOC_SEP, load_corpus
 
     corpus = load_corpus(assets.source)
     for name, source in (("teacher", assets.teacher_dir), ("student_init", assets.student_init_dir)):

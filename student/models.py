@@ -23,10 +23,10 @@ from transformers import (
     PreTrainedModel,
 )
 
-from student.data.lm import IGNORE_INDEX, LMBatch
-from student.data.tokenizer import EOS_ID, PAD_ID
-from student.losses import cross_entropy
-from student.train_loop import OptimConfig, train
+from atkd.student.data.lm import IGNORE_INDEX, LMBatch
+from atkd.student.data.tokenizer import EOS_ID, PAD_ID
+from atkd.student.losses import cross_entropy
+from atkd.student.train_loop import OptimConfig, train
 
 FAMILIES = ("gpt2", "opt", "gpt_neox", "llama")
 
@@ -51,7 +51,7 @@ def tiny_config(
     pad_id: int = PAD_ID,
 ) -> PretrainedConfig:
     """Config of a small ``family`` model. bos = eos = ``eos_id`` and pad = ``pad_id`` (the layout of
-    :func:`student.data.tokenizer.train_tokenizer`); the MLP width defaults to ``4 * hidden``;
+    :func:`atkd.student.data.tokenizer.train_tokenizer`); the MLP width defaults to ``4 * hidden``;
     dropout is off; embeddings are tied as in each family's released models (GPT-2, OPT: tied;
     Pythia, Llama: untied)."""
     intermediate = intermediate or 4 * hidden
@@ -114,7 +114,7 @@ def pretrain(
     progress: bool = True,
 ) -> list[float]:
     """Causal-LM training with cross entropy for ``steps`` batches (the loop of
-    :func:`student.train_loop.train`: AdamW, clipping, warmup then cosine decay to ``lr / 10``);
+    :func:`atkd.student.train_loop.train`: AdamW, clipping, warmup then cosine decay to ``lr / 10``);
     returns the loss of every step."""
     records = train(model, batches, cross_entropy, OptimConfig(steps=steps, lr=lr, warmup=warmup),
                     desc="pretrain", progress=progress)

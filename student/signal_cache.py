@@ -6,7 +6,7 @@ Layout of a cache directory::
     shard-00000.safetensors  examples [0, shard_size): one tensor per TeacherSignal field, [n, T, ...]
     shard-00001.safetensors  ...
 
-Signals are stored per dataset *example* (``student.data.examples``), not per batch, so a sweep over
+Signals are stored per dataset *example* (``atkd.student.data.examples``), not per batch, so a sweep over
 batch sizes, seeds or learning rates reuses one teacher pass. Values are stored as the wire carries
 them, so a cache of a server's signals reads back bit for bit: the per-position scalars in float32, the
 top-k and tail-sample log-probs in float16 for the fp16 codec (float32 otherwise), ids in int32. Tail samples are
@@ -28,9 +28,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from proto.signal import TeacherSignal
-from student.data.examples import Examples
-from student.teachers import Deferred, TeacherSource, prefetched
+from atkd.proto.signal import TeacherSignal
+from atkd.student.data.examples import Examples
+from atkd.student.teachers import Deferred, TeacherSource, prefetched
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1

@@ -44,7 +44,7 @@ class TeacherProcess:
 @contextmanager
 def teacher_server(model_dir: Path, *, log_path: Path | None = None, extra_args: Sequence[str] = (),
                    start_timeout_s: float = 120.0, launcher: Sequence[str] = ()) -> Iterator[str]:
-    """Start ``python -m services.teacher.cli serve --model DIR`` on free loopback ports; yield its
+    """Start ``python -m atkd.services.teacher.cli serve --model DIR`` on free loopback ports; yield its
     gRPC address ``127.0.0.1:PORT`` once it serves. Its log goes to ``log_path`` (or is dropped);
     ``launcher`` prefixes the command (e.g. ``["taskset", "-c", "0"]`` to pin the teacher to a core)."""
     with teacher_process(model_dir, log_path=log_path, extra_args=extra_args, start_timeout_s=start_timeout_s,
@@ -58,7 +58,7 @@ def teacher_process(
     launcher: Sequence[str] = (),
 ) -> Iterator[TeacherProcess]:
     """:func:`teacher_server` yielding the whole :class:`TeacherProcess` (to signal or kill it in a drill)."""
-    command = [*launcher, sys.executable, "-m", "services.teacher.cli", "serve", "--model", str(model_dir),
+    command = [*launcher, sys.executable, "-m", "atkd.services.teacher.cli", "serve", "--model", str(model_dir),
                "--host", "127.0.0.1", "--port", "0", "--http-port", "0", *extra_args]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     ports: list[tuple[int, int]] = []

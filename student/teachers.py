@@ -3,8 +3,8 @@
 - :class:`LocalTeacher`: the teacher model in this process; dense logits ``[B, T, V]`` or, with
   ``top_k`` set, the compressed :class:`TeacherSignal`.
 - :class:`RemoteTeacher`: a teacher server (one or more replicas) behind a
-  :class:`~student.client.TeacherClient`.
-- :class:`~student.signal_cache.CachedTeacher`: signals exported to disk earlier.
+  :class:`~atkd.student.client.TeacherClient`.
+- :class:`~atkd.student.signal_cache.CachedTeacher`: signals exported to disk earlier.
 
 Each is called as ``teacher(batch, seed=None)``, or ``teacher.submit(batch, seed=None).result()`` when
 the caller wants to start the work early (a remote teacher computes while the student trains;
@@ -24,9 +24,9 @@ from typing import Protocol
 import torch
 from transformers import PreTrainedModel
 
-from proto.signal import IGNORE_INDEX, TeacherSignal, compress
-from student.client import TeacherClient
-from student.data.lm import LMBatch
+from atkd.proto.signal import IGNORE_INDEX, TeacherSignal, compress
+from atkd.student.client import TeacherClient
+from atkd.student.data.lm import LMBatch
 
 TeacherOutput = torch.Tensor | TeacherSignal
 
@@ -94,7 +94,7 @@ class LocalTeacher(TeacherSource):
 
 
 class RemoteTeacher(TeacherSource):
-    """A teacher server behind a :class:`~student.client.TeacherClient`.
+    """A teacher server behind a :class:`~atkd.student.client.TeacherClient`.
 
     The server scores position t of a sequence with target ``ids[t + 1]``, so the batch goes out as
     ``input_ids`` plus the window's last target (T + 1 tokens) with ``score_mask`` = targets != -100,

@@ -1,9 +1,9 @@
 """The minimal in-memory training loop: a model, an iterator of batches, a loss; no files, no network.
 
-It pre-trains the demo's teacher (:func:`student.models.pretrain`) and drives the research benchmarks
+It pre-trains the demo's teacher (:func:`atkd.student.models.pretrain`) and drives the research benchmarks
 (``bench/sparse_e2e.py``), where only the loss and the signal vary. The training *job* (config file,
 teacher sources with prefetch, checkpoints and resume, DDP, metrics log) is
-:mod:`student.trainer.loop`, which shares this module's optimizer and LR schedule.
+:mod:`atkd.student.trainer.loop`, which shares this module's optimizer and LR schedule.
 
 Each step, in order: take the next batch; ask the teacher for its signal on it (dense logits or a
 compressed :class:`TeacherSignal`; none for SFT); run the student forward; compute the loss; backward;
@@ -22,8 +22,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from proto.signal import TeacherSignal
-from student.data.lm import LMBatch
+from atkd.proto.signal import TeacherSignal
+from atkd.student.data.lm import LMBatch
 
 TeacherFn = Callable[[LMBatch], "torch.Tensor | TeacherSignal"]
 LossFn = Callable[..., torch.Tensor]
@@ -73,7 +73,7 @@ def train(
     """Train ``model`` for ``config.steps`` batches; returns one record per step.
 
     ``loss_fn(student_logits [B, T, V], teacher_output, targets [B, T])`` is any loss of
-    :mod:`student.losses` (``teacher_output`` is None without a teacher).
+    :mod:`atkd.student.losses` (``teacher_output`` is None without a teacher).
     Record: step, loss, lr, teacher_s (seconds in the teacher call), step_s.
     """
     device = next(model.parameters()).device

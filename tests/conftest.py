@@ -10,13 +10,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from services.teacher.config import TeacherConfig
-from services.teacher.engine import TeacherEngine
-from student.data.tokenizer import train_tokenizer
-from student.models import tiny_config
+from atkd.services.teacher.config import TeacherConfig
+from atkd.services.teacher.engine import TeacherEngine
+from atkd.student.data.corpus import EXCERPT_PATH
+from atkd.student.data.tokenizer import train_tokenizer
+from atkd.student.models import tiny_config
 from tests.teacher_harness import ServerThread
 
-EXCERPT = Path(__file__).parent / "data" / "shakespeare_excerpt.txt"
+EXCERPT = EXCERPT_PATH  # the shipped excerpt (package data)
 TINY_VOCAB = 512
 TINY_DIMS = dict(hidden=32, layers=2, heads=2, max_len=128)
 

@@ -1,6 +1,6 @@
 """A slow, independent float64 reference of the losses: a Python loop over tokens, one at a time.
 
-Written straight from ATKD.md (no chunking, no buckets, no shared code with student.losses) so that
+Written straight from ATKD.md (no chunking, no buckets, no shared code with atkd.student.losses) so that
 parity tests compare two independent derivations.
 """
 

@@ -14,11 +14,11 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM
 
-from proto.signal import TeacherSignal, compress
-from services.teacher.config import TeacherConfig
-from services.teacher.engine import TeacherEngine
-from services.teacher.request import ScoreJob
-from services.teacher.server import TeacherServer
+from atkd.proto.signal import TeacherSignal, compress
+from atkd.services.teacher.config import TeacherConfig
+from atkd.services.teacher.engine import TeacherEngine
+from atkd.services.teacher.request import ScoreJob
+from atkd.services.teacher.server import TeacherServer
 
 _loop: asyncio.AbstractEventLoop | None = None
 

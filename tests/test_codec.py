@@ -9,8 +9,8 @@ import struct
 import pytest
 import torch
 
-from proto import teacher_pb2 as pb
-from proto.codec import (
+from atkd.proto import teacher_pb2 as pb
+from atkd.proto.codec import (
     Q8_ENTROPY_STEP,
     Q8_MAX_GAP,
     Q8_SCALE,
@@ -22,8 +22,8 @@ from proto.codec import (
     encode_tensor,
     payload_bytes,
 )
-from proto.signal import TeacherSignal, compress
-from student.losses import atkd_loss
+from atkd.proto.signal import TeacherSignal, compress
+from atkd.student.losses import atkd_loss
 
 FP16_REL = 2.0**-11  # float16 rounding, relative
 

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from student import demo
+from atkd.student import demo
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoModelForCausalLM
 
-from student.evaluation import evaluate_generation, greedy_generate, rouge_l
+from atkd.student.evaluation import evaluate_generation, greedy_generate, rouge_l
 
 
 @pytest.fixture(scope="module")

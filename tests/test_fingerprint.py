@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from transformers import AutoTokenizer
 
-from proto.fingerprint import tokenizer_fingerprint
-from student.data.tokenizer import train_tokenizer
+from atkd.proto.fingerprint import tokenizer_fingerprint
+from atkd.student.data.tokenizer import train_tokenizer
 
 
 def test_fingerprint_is_stable_across_save_and_reload(tiny_tokenizer, tmp_path):

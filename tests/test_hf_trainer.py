@@ -9,11 +9,11 @@ import torch
 from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, TrainingArguments
 from transformers.utils import logging as hf_logging
 
-from student.client import TeacherClient
-from student.data.lm import LMBatch
-from student.losses import atkd_loss
-from student.teachers import LocalTeacher, RemoteTeacher
-from student.trainer.hf import DistillationTrainer, lm_batch_from_hf
+from atkd.student.client import TeacherClient
+from atkd.student.data.lm import LMBatch
+from atkd.student.losses import atkd_loss
+from atkd.student.teachers import LocalTeacher, RemoteTeacher
+from atkd.student.trainer.hf import DistillationTrainer, lm_batch_from_hf
 
 hf_logging.disable_progress_bar()
 SEQ_LEN = 24

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from proto.signal import compress
-from student.losses import LOSSES, ForwardKL, ReverseKL, atkd_loss, forward_kl, split_hard
-from student.losses.atkd import target_and_diversity
-from student.losses.buckets import dense_buckets
+from atkd.proto.signal import compress
+from atkd.student.losses import LOSSES, ForwardKL, ReverseKL, atkd_loss, forward_kl, split_hard
+from atkd.student.losses.atkd import target_and_diversity
+from atkd.student.losses.buckets import dense_buckets
 from tests.reference_losses import reference_atkd, reference_divergence, tkd_dkd
 
 BASELINES = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "dkd", "sft"]
@@ -193,7 +193,7 @@ def test_sparse_dkd_is_a_lower_bound_of_dense_dkd(k):
 
 
 def _sparse_parts(s, signal, y):
-    from student.losses.buckets import signal_buckets, student_buckets_for_signal
+    from atkd.student.losses.buckets import signal_buckets, student_buckets_for_signal
 
     p = signal_buckets(signal, y, s.dtype).normalise()
     q = student_buckets_for_signal(s, signal, y).normalise()

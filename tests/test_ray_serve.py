@@ -13,11 +13,11 @@ import pytest
 import torch
 import yaml
 
-from proto import teacher_pb2_grpc as pb_grpc
-from proto.metadata import APPLICATION_KEY, CLIENT_ID_KEY
-from services.teacher.config import TeacherConfig
-from student.client import ScoreBatch, TeacherClient, TeacherError
-from student.teacher_process import teacher_process
+from atkd.proto import teacher_pb2_grpc as pb_grpc
+from atkd.proto.metadata import APPLICATION_KEY, CLIENT_ID_KEY
+from atkd.services.teacher.config import TeacherConfig
+from atkd.student.client import ScoreBatch, TeacherClient, TeacherError
+from atkd.student.teacher_process import teacher_process
 from tests.teacher_harness import http_get, reference_signals
 from tests.test_teacher_server import SEQUENCES, TOLERANCE, assert_matches_reference, request
 
@@ -27,7 +27,7 @@ with warnings.catch_warnings():  # Ray 2.60's own models use pydantic features d
     from ray import serve
     from ray.serve.schema import ServeDeploySchema
 
-    from services.teacher.ray_app import (
+    from atkd.services.teacher.ray_app import (
         APP_NAME,
         GRPC_SERVICER_FUNCTIONS,
         ROUTE_PREFIX,
@@ -91,7 +91,7 @@ def test_serve_config_file_is_valid_and_builds_the_app():
     assert config.grpc_options.grpc_servicer_functions == GRPC_SERVICER_FUNCTIONS
     (app,) = config.applications
     assert (app.name, app.route_prefix, app.import_path) == (APP_NAME, ROUTE_PREFIX,
-                                                             "services.teacher.ray_app:build_app")
+                                                             "atkd.services.teacher.ray_app:build_app")
     (deployment,) = app.deployments
     assert deployment.ray_actor_options.num_gpus == 1 and deployment.autoscaling_config["max_replicas"] > 1
     assert deployment.name == "Teacher"

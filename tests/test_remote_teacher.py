@@ -6,11 +6,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from student.client import TeacherClient
-from student.data.lm import LMBatch
-from student.losses import atkd_loss
-from student.teacher_process import teacher_server
-from student.teachers import LocalTeacher, RemoteTeacher
+from atkd.student.client import TeacherClient
+from atkd.student.data.lm import LMBatch
+from atkd.student.losses import atkd_loss
+from atkd.student.teacher_process import teacher_server
+from atkd.student.teachers import LocalTeacher, RemoteTeacher
 from tests.conftest import TINY_VOCAB
 
 

@@ -6,12 +6,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from proto import teacher_pb2 as pb
-from proto.fingerprint import weights_digest
-from proto.signal import compress
-from services.teacher.engine import TeacherEngine, resolve_device, resolve_dtype
-from services.teacher.errors import InvalidArgument
-from services.teacher.request import Limits, parse_request
+from atkd.proto import teacher_pb2 as pb
+from atkd.proto.fingerprint import weights_digest
+from atkd.proto.signal import compress
+from atkd.services.teacher.engine import TeacherEngine, resolve_device, resolve_dtype
+from atkd.services.teacher.errors import InvalidArgument
+from atkd.services.teacher.request import Limits, parse_request
 
 LIMITS = Limits(vocab_size=512, max_seq_len=128, max_batch_tokens=1024, max_top_k=64, max_tail_samples=8)
 

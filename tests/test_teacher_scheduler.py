@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import grpc
 import pytest
 
-from services.teacher.errors import DeadlineExceeded, ResourceExhausted, ServiceError, Unavailable
-from services.teacher.metrics import TeacherMetrics
-from services.teacher.scheduler import Scheduler
+from atkd.services.teacher.errors import DeadlineExceeded, ResourceExhausted, ServiceError, Unavailable
+from atkd.services.teacher.metrics import TeacherMetrics
+from atkd.services.teacher.scheduler import Scheduler
 
 
 @dataclass(eq=False)

@@ -19,15 +19,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from prometheus_client.parser import text_string_to_metric_families
 
-from proto import generate
-from proto import teacher_pb2 as pb
-from proto import teacher_pb2_grpc as pb_grpc
-from proto.fingerprint import tokenizer_fingerprint, weights_digest
-from proto.metadata import CLIENT_ID_KEY
-from services.teacher.cli import add_config_flags, parse_config
-from services.teacher.config import TeacherConfig
-from student.client import ScoreBatch, TeacherClient, TeacherError
-from student.teacher_process import teacher_process
+from atkd.proto import generate
+from atkd.proto import teacher_pb2 as pb
+from atkd.proto import teacher_pb2_grpc as pb_grpc
+from atkd.proto.fingerprint import tokenizer_fingerprint, weights_digest
+from atkd.proto.metadata import CLIENT_ID_KEY
+from atkd.services.teacher.cli import add_config_flags, parse_config
+from atkd.services.teacher.config import TeacherConfig
+from atkd.student.client import ScoreBatch, TeacherClient, TeacherError
+from atkd.student.teacher_process import teacher_process
 from tests.teacher_harness import GatedEngine, ServerThread, http_get, reference_signals, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -370,8 +370,8 @@ def test_message_size_limits_follow_the_config(serve_teacher):
 
 def test_generated_stubs_match_the_proto(tmp_path):
     for path in generate.generate(tmp_path):
-        committed = ROOT / path.relative_to(tmp_path)
-        assert filecmp.cmp(path, committed, shallow=False), f"{committed} is stale: run python -m proto.generate"
+        committed = generate.HERE / path.name
+        assert filecmp.cmp(path, committed, shallow=False), f"{committed} is stale: run python -m atkd.proto.generate"
 
 
 def test_cli_reads_yaml_and_flags_override_it(tmp_path, tiny_model_dir):
@@ -392,7 +392,7 @@ def test_cli_reads_yaml_and_flags_override_it(tmp_path, tiny_model_dir):
 
 
 def test_sigterm_finishes_in_flight_work_then_exits(tiny_model_dir):
-    """A real ``python -m services.teacher.cli serve`` process: SIGTERM while a request waits in the queue."""
+    """A real ``python -m atkd.services.teacher.cli serve`` process: SIGTERM while a request waits in the queue."""
     with teacher_process(tiny_model_dir, extra_args=["--max-wait-ms", "60000", "--threads", "1"]) as teacher:
         with TeacherClient(teacher.address) as client, ThreadPoolExecutor(1) as pool:
             pending = pool.submit(client.score, [list(range(30))], top_k=4)

@@ -7,12 +7,12 @@ import copy
 import pytest
 import torch
 
-from proto.signal import TeacherSignal, compress
-from student.data.lm import heldout_batches, random_batches
-from student.losses import get_loss
-from student.models import build_model, evaluate_lm
-from student.teachers import LocalTeacher
-from student.train_loop import OptimConfig, cosine_with_warmup, train
+from atkd.proto.signal import TeacherSignal, compress
+from atkd.student.data.lm import heldout_batches, random_batches
+from atkd.student.losses import get_loss
+from atkd.student.models import build_model, evaluate_lm
+from atkd.student.teachers import LocalTeacher
+from atkd.student.train_loop import OptimConfig, cosine_with_warmup, train
 
 VOCAB = 64
 TINY = dict(hidden=32, layers=1, heads=2)

@@ -13,17 +13,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from student.client import TeacherMismatchError
-from student.data.instructions import dialogue_pairs, write_jsonl
-from student.data.tokenizer import train_tokenizer
-from student.losses import atkd_loss
-from student.models import load_model
-from student.signal_cache import CacheMismatchError, SignalCache
-from student.teachers import LocalTeacher
-from student.trainer.cli import export_cache, run_eval
-from student.trainer.config import load_config
-from student.trainer.loop import train
-from student.trainer.parts import build_teacher, load_examples, load_tokenizer
+from atkd.student.client import TeacherMismatchError
+from atkd.student.data.instructions import dialogue_pairs, write_jsonl
+from atkd.student.data.tokenizer import train_tokenizer
+from atkd.student.losses import atkd_loss
+from atkd.student.models import load_model
+from atkd.student.signal_cache import CacheMismatchError, SignalCache
+from atkd.student.teachers import LocalTeacher
+from atkd.student.trainer.cli import export_cache, run_eval
+from atkd.student.trainer.config import load_config
+from atkd.student.trainer.loop import train
+from atkd.student.trainer.parts import build_teacher, load_examples, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -171,7 +171,7 @@ def test_cli_reports_a_config_error_with_the_field_and_exit_status_2(tmp_path, c
     config = tmp_path / "bad.yaml"
     config.write_text(json.dumps({"student": str(tiny_model_factory("gpt2")), "data": {"train": str(corpus["train"])},
                                   "max_steps": 2, "batch_size": "four", "loss": {"name": "sft"}}))
-    done = subprocess.run([sys.executable, "-m", "student.trainer.cli", "train", "--config", str(config)],
+    done = subprocess.run([sys.executable, "-m", "atkd.student.trainer.cli", "train", "--config", str(config)],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert done.returncode == 2
     assert "batch_size: Input should be a valid integer" in done.stderr
@@ -208,7 +208,7 @@ def test_sigterm_stops_at_a_step_boundary_and_resume_matches_an_uninterrupted_ru
     config = run_config(tmp_path / "b", corpus, student, teacher, max_steps=60, save_every=0)
     config_file = tmp_path / "b" / "run.json"
     config_file.write_text(config.model_dump_json())
-    command = [sys.executable, "-m", "student.trainer.cli", "train", "--config", str(config_file)]
+    command = [sys.executable, "-m", "atkd.student.trainer.cli", "train", "--config", str(config_file)]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     metrics = config.output_dir / "metrics.jsonl"
     import time
@@ -244,7 +244,7 @@ def test_two_rank_torchrun_matches_one_process_with_gradient_accumulation(tmp_pa
     config_file.write_text(config.model_dump_json())
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-         "student.trainer.cli", "train", "--config", str(config_file)],
+         "atkd.student.trainer.cli", "train", "--config", str(config_file)],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     log = [json.loads(line) for line in (config.output_dir / "metrics.jsonl").read_text().splitlines()]
@@ -289,7 +289,7 @@ def test_epochs_set_the_length_and_bf16_autocast_trains(tmp_path, corpus, tiny_m
 
 
 def test_help_lists_every_config_field_as_a_flag():
-    done = subprocess.run([sys.executable, "-m", "student.trainer.cli", "train", "--help"], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "atkd.student.trainer.cli", "train", "--help"], capture_output=True,
                           text=True, cwd=REPO, timeout=120)
     assert done.returncode == 0
     for flag in ("--student", "--data.seq_len", "--teacher.prefetch", "--loss.options", "--optim.lr", "--grad_accum"):

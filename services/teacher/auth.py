@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 
-from proto.metadata import AUTHORIZATION_KEY, bearer
+from atkd.proto.metadata import AUTHORIZATION_KEY, bearer
 
 OPEN_METHODS_PREFIX = "/grpc.health.v1.Health/"
 

@@ -3,7 +3,7 @@
     atkd-teacher serve --model DIR [--config teacher.yaml] [--port 50051 --http-port 8080 ...]
     atkd-teacher serve --backend ray --model DIR ...    # the same replica as a Ray Serve app on a local Ray
 
-Every field of :class:`~services.teacher.config.TeacherConfig` is a flag (``max_batch_tokens`` ->
+Every field of :class:`~atkd.services.teacher.config.TeacherConfig` is a flag (``max_batch_tokens`` ->
 ``--max-batch-tokens``) and a key of the YAML file given with ``--config``; flags override the file.
 """
 

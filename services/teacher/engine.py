@@ -3,7 +3,7 @@
 One call of :meth:`TeacherEngine.score` runs one forward over the sequences of every job (right
 padded to the longest: with causal attention, padding after a position cannot change it), then,
 job by job, gathers the hidden states of the scored positions only and applies the LM head to
-``chunk`` of them at a time, each block going through :func:`proto.signal.compress`. So neither
+``chunk`` of them at a time, each block going through :func:`atkd.proto.signal.compress`. So neither
 the cost of the head nor the memory of the logits grows with unscored (prompt, padding) positions,
 and at most one ``[chunk, V]`` block of logits (plus compress's fp32 work on it) exists at once.
 
@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from proto.fingerprint import tokenizer_fingerprint, weights_digest
-from proto.signal import TeacherSignal, compress, rows_per_chunk
+from atkd.proto.fingerprint import tokenizer_fingerprint, weights_digest
+from atkd.proto.signal import TeacherSignal, compress, rows_per_chunk
 
 from .request import ScoreJob
 

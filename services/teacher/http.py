@@ -1,6 +1,6 @@
 """The HTTP side of a replica (FastAPI): liveness, readiness, Prometheus metrics and the Info as JSON.
 
-It runs in the replica's own event loop (see :mod:`services.teacher.server`), so it reads the live
+It runs in the replica's own event loop (see :mod:`atkd.services.teacher.server`), so it reads the live
 scheduler state directly. The endpoints carry no secrets and take no auth: keep the port internal.
 """
 
@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from google.protobuf.json_format import MessageToDict
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from proto import teacher_pb2 as pb
+from atkd.proto import teacher_pb2 as pb
 
 from .metrics import TeacherMetrics
 

@@ -1,10 +1,10 @@
 """The teacher as a Ray Serve application: the plain replica's engine, scheduler and servicer behind Serve's gRPC proxy.
 
 A Serve replica (:class:`TeacherReplica`) holds what one ``atkd-teacher serve`` process holds, minus the
-network: the :class:`~services.teacher.engine.TeacherEngine` (on the GPU that ``ray_actor_options:
-num_gpus`` gives it), the cross-client :class:`~services.teacher.scheduler.Scheduler` and the
-:class:`~services.teacher.servicer.TeacherServicer`. Serve's gRPC proxy, started with
-``proto.teacher_pb2_grpc.add_TeacherServicer_to_server``, accepts ``atkd.teacher.v1.Teacher`` calls, picks
+network: the :class:`~atkd.services.teacher.engine.TeacherEngine` (on the GPU that ``ray_actor_options:
+num_gpus`` gives it), the cross-client :class:`~atkd.services.teacher.scheduler.Scheduler` and the
+:class:`~atkd.services.teacher.servicer.TeacherServicer`. Serve's gRPC proxy, started with
+``atkd.proto.teacher_pb2_grpc.add_TeacherServicer_to_server``, accepts ``atkd.teacher.v1.Teacher`` calls, picks
 the application from the ``application`` metadata (``TeacherClient(..., application=...)``) and a replica
 by Serve's router, and calls the replica's method of the RPC's name (``Info``, ``Score``, ``ScoreStream``)
 with the request message. Status codes: the servicer's errors (INVALID_ARGUMENT, RESOURCE_EXHAUSTED,
@@ -22,7 +22,7 @@ RESOURCE_EXHAUSTED, and ``timeout_ms`` deadlines, all already tested. Serve's ro
 replica; ``max_ongoing_requests`` must leave room for a few batches per replica so that requests wait in
 the Scheduler's fair queues, not in Serve's.
 
-Configuration: :func:`build_app` takes the fields of :class:`~services.teacher.config.TeacherConfig` as
+Configuration: :func:`build_app` takes the fields of :class:`~atkd.services.teacher.config.TeacherConfig` as
 its ``args`` (validated by it); the fields about the network (``host``, ``port``, ``http_port``, TLS) are
 Serve's business (``grpc_options``, ``http_options``) and ignored here. Serve's gRPC proxy has no TLS,
 so TLS is refused; bearer-token auth is checked in the replica.
@@ -48,8 +48,8 @@ import transformers
 from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
 
-from proto import teacher_pb2 as pb
-from proto.metadata import AUTHORIZATION_KEY, bearer
+from atkd.proto import teacher_pb2 as pb
+from atkd.proto.metadata import AUTHORIZATION_KEY, bearer
 
 from .auth import load_token
 from .config import TeacherConfig
@@ -61,10 +61,9 @@ from .servicer import TeacherServicer
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parents[2]
 APP_NAME = "atkd-teacher"
 ROUTE_PREFIX = "/atkd-teacher"
-GRPC_SERVICER_FUNCTIONS = ["proto.teacher_pb2_grpc.add_TeacherServicer_to_server"]
+GRPC_SERVICER_FUNCTIONS = ["atkd.proto.teacher_pb2_grpc.add_TeacherServicer_to_server"]
 UNAUTHENTICATED = "missing or wrong bearer token: send the metadata 'authorization: Bearer <token>'"
 
 
@@ -185,7 +184,7 @@ TeacherDeployment = serve.deployment(
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
-    """Serve's application builder (``import_path: services.teacher.ray_app:build_app``): ``args`` holds
+    """Serve's application builder (``import_path: atkd.services.teacher.ray_app:build_app``): ``args`` holds
     :class:`TeacherConfig` fields, e.g. ``{"model": "/models/teacher", "max_batch_tokens": 8192}``."""
     return application(TeacherConfig(**args))
 
@@ -211,8 +210,8 @@ def run(config: TeacherConfig) -> None:
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     port = config.port or free_port(config.host)
     http_port = config.http_port or free_port(config.host)
-    # Serve's proxy imports the generated servicer function: Ray's processes must find the project.
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    # Serve's proxy imports the generated servicer function by name: Ray's worker processes run this
+    # interpreter, so they find the installed `atkd` package as this process does.
     cpus = config.threads or os.cpu_count()
     app = application(config, ray_actor_options={"num_cpus": cpus})
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=config.log_level.upper())

@@ -1,7 +1,7 @@
 """A ``ScoreRequest`` checked against the replica's limits and turned into a :class:`ScoreJob`.
 
 Every rule names the field it checks in its message; a broken request raises
-:class:`~services.teacher.errors.InvalidArgument` and never reaches the scheduler. The work is done
+:class:`~atkd.services.teacher.errors.InvalidArgument` and never reaches the scheduler. The work is done
 in numpy: it runs on the event loop next to the engine's forward, and torch would start an OpenMP
 team of its own for it that competes with the forward's (milliseconds per request on a busy CPU).
 """
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from proto import teacher_pb2 as pb
-from proto.codec import codec_name
+from atkd.proto import teacher_pb2 as pb
+from atkd.proto.codec import codec_name
 
 from .errors import InvalidArgument
 

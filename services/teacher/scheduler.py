@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from proto.signal import TeacherSignal
+from atkd.proto.signal import TeacherSignal
 
 from .errors import DeadlineExceeded, ResourceExhausted, ServiceError, Unavailable
 from .metrics import TeacherMetrics

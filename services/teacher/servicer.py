@@ -11,10 +11,10 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from proto import teacher_pb2 as pb
-from proto import teacher_pb2_grpc as pb_grpc
-from proto.codec import encode_signal
-from proto.metadata import CLIENT_ID_KEY
+from atkd.proto import teacher_pb2 as pb
+from atkd.proto import teacher_pb2_grpc as pb_grpc
+from atkd.proto.codec import encode_signal
+from atkd.proto.metadata import CLIENT_ID_KEY
 
 from .errors import InvalidArgument, ServiceError
 from .metrics import TeacherMetrics

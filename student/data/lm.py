@@ -13,14 +13,14 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from student.data.corpus import DOC_SEP
+from atkd.student.data.corpus import DOC_SEP
 
 IGNORE_INDEX = -100
 
 
 def encode_corpus(text: str, tokenizer: PreTrainedTokenizerBase) -> torch.LongTensor:
     """Tokenise a corpus string into one 1-D id stream ``[N]``: every document (``text`` split on
-    :data:`~student.data.corpus.DOC_SEP`) followed by the tokenizer's eos id."""
+    :data:`~atkd.student.data.corpus.DOC_SEP`) followed by the tokenizer's eos id."""
     docs = text.split(DOC_SEP)
     encoded = tokenizer(docs, add_special_tokens=False)["input_ids"]
     ids = [token for doc in encoded for token in (*doc, tokenizer.eos_token_id)]
@@ -31,7 +31,7 @@ def encode_corpus(text: str, tokenizer: PreTrainedTokenizerBase) -> torch.LongTe
 class LMBatch:
     """A causal-LM batch: ``input_ids [B, T]`` and ``targets [B, T]``, where ``targets[b, t]`` is the
     token after ``input_ids[b, t]`` (``-100``: ignored); ``example_ids [B]``: the dataset indices of
-    its rows when it was drawn from a :class:`~student.data.examples.Examples`."""
+    its rows when it was drawn from a :class:`~atkd.student.data.examples.Examples`."""
 
     input_ids: torch.LongTensor
     targets: torch.LongTensor

@@ -1,6 +1,6 @@
 """Byte-level BPE tokenizers trained locally.
 
-:func:`tokenizer_fingerprint` (the hash teacher and student compare) lives in ``proto.fingerprint``,
+:func:`tokenizer_fingerprint` (the hash teacher and student compare) lives in ``atkd.proto.fingerprint``,
 since the teacher service may not import ``student``; it is re-exported here.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from proto.fingerprint import tokenizer_fingerprint
+from atkd.proto.fingerprint import tokenizer_fingerprint
 
 __all__ = ["EOS_ID", "EOS_TOKEN", "PAD_ID", "PAD_TOKEN", "tokenizer_fingerprint", "train_tokenizer"]
 

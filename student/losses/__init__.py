@@ -7,7 +7,7 @@ mix of group means); ``teacher`` is dense logits ``[B, T, V]`` or a :class:`Teac
 
 from functools import partial
 
-from proto.signal import TeacherSignal, compress
+from atkd.proto.signal import TeacherSignal, compress
 
 from .atkd import SPLIT_RULES, atkd_loss, split_hard, teacher_uncertainty
 from .baselines import (

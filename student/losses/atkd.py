@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from proto.signal import TeacherSignal
+from atkd.proto.signal import TeacherSignal
 
 from .batch import LossBatch, Teacher, fused_chunked_sum
 from .buckets import Normalised, bucket_sum

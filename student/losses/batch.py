@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from proto.signal import IGNORE_INDEX, TeacherSignal, rows_per_chunk
+from atkd.proto.signal import IGNORE_INDEX, TeacherSignal, rows_per_chunk
 
 from .buckets import Normalised, dense_buckets, signal_buckets, student_buckets_for_signal
 

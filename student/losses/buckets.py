@@ -1,6 +1,6 @@
 """Teacher and student distributions at a chunk of n positions, split into target / non-target.
 
-Both a dense teacher (logits ``[n, V]``) and a compressed one (:class:`proto.signal.TeacherSignal`)
+Both a dense teacher (logits ``[n, V]``) and a compressed one (:class:`atkd.proto.signal.TeacherSignal`)
 become the same :class:`Buckets`: the log-weight of the target token g and the log-weights of the
 non-target buckets, with any per-row offset (raw logits are fine). For a dense teacher the buckets
 are the V vocabulary entries with column g masked; for a signal they are
@@ -23,7 +23,7 @@ from functools import cached_property
 
 import torch
 
-from proto.signal import TeacherSignal
+from atkd.proto.signal import TeacherSignal
 
 #: Log-weight of a masked bucket: exp() of it is exactly 0 in fp32 and fp64, and it stays finite.
 MASKED = -1e30

@@ -4,7 +4,7 @@ A checkpoint is a directory ``<output_dir>/checkpoints/step-00000100/`` holding
 
 - the student as a Hugging Face model directory (``config.json`` + safetensors; loadable on its own),
 - ``trainer_state.pt``: optimizer and LR-schedule state, the RNG states (torch CPU and CUDA, Python),
-  the step, the data position (micro-batches consumed, see :class:`student.data.examples.BatchOrder`)
+  the step, the data position (micro-batches consumed, see :class:`atkd.student.data.examples.BatchOrder`)
   and the tokens seen.
 
 On CPU an interrupted run resumed from its last checkpoint ends with the same weights as an

@@ -4,8 +4,8 @@
     atkd-student eval --config run.yaml [--model DIR] [--max-new-tokens 64] [--dotted.key value ...]
     atkd-student export-cache --config run.yaml --out DIR [--shard-size 1024] [--dotted.key value ...]
 
-Every field of :class:`~student.trainer.config.TrainConfig` can be set in the YAML file and overridden
-with ``--section.field value`` (see :mod:`student.trainer.config`). Configuration errors name the field
+Every field of :class:`~atkd.student.trainer.config.TrainConfig` can be set in the YAML file and overridden
+with ``--section.field value`` (see :mod:`atkd.student.trainer.config`). Configuration errors name the field
 and exit with status 2; a teacher that does not fit the student exits with status 3 before any step.
 """
 
@@ -21,9 +21,9 @@ from pathlib import Path
 
 from transformers.utils import logging as hf_logging
 
-from proto.fingerprint import tokenizer_fingerprint
-from student.client import TeacherError, TeacherMismatchError
-from student.signal_cache import CacheManifest, CacheMismatchError, export_signals
+from atkd.proto.fingerprint import tokenizer_fingerprint
+from atkd.student.client import TeacherError, TeacherMismatchError
+from atkd.student.signal_cache import CacheManifest, CacheMismatchError, export_signals
 
 from .config import TrainConfig, describe_fields, load_config
 from .loop import FINAL_DIR, evaluate, train
@@ -84,8 +84,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 def run_eval(config: TrainConfig, model_dir: Path | None, max_new_tokens: int, max_examples: int) -> dict:
     """Perplexity and accuracy on the eval data (or the training data when none is set); for instruction
     data also greedy generations scored by ROUGE-L against the reference responses."""
-    from student.evaluation import evaluate_generation
-    from student.models import load_model
+    from atkd.student.evaluation import evaluate_generation
+    from atkd.student.models import load_model
 
     model_dir = model_dir or Path(config.output_dir) / FINAL_DIR
     tokenizer = load_tokenizer(config.tokenizer or config.student)
@@ -106,7 +106,7 @@ def export_cache(config: TrainConfig, out_dir: Path, shard_size: int) -> CacheMa
     teacher_config = config.teacher
     if teacher_config is None or teacher_config.mode == "cache":
         raise ValueError("export-cache needs teacher.mode remote or local")
-    from student.models import load_model
+    from atkd.student.models import load_model
 
     tokenizer = load_tokenizer(config.tokenizer or config.student)
     examples = load_examples(config.data, tokenizer, "train")

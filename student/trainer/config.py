@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from student.losses import LOSSES
+from atkd.student.losses import LOSSES
 
 
 class Section(BaseModel):

@@ -1,14 +1,14 @@
 """Distillation inside the Hugging Face ``Trainer``: keep an HF training script, swap the loss for KD.
 
 ``DistillationTrainer`` is a ``transformers.Trainer`` whose ``compute_loss`` asks a teacher for its
-signal on the batch and returns a loss of :data:`student.losses.LOSSES` (ATKD by default) instead of
+signal on the batch and returns a loss of :data:`atkd.student.losses.LOSSES` (ATKD by default) instead of
 the model's cross entropy. Everything else (optimizer, schedule, accumulation, mixed precision,
 logging, checkpoints, evaluation) is the Trainer's own.
 
 Inputs are HF causal-LM batches as ``DataCollatorForLanguageModeling(mlm=False)`` produces them:
 ``input_ids [B, T]``, ``attention_mask [B, T]`` and *unshifted* ``labels [B, T]`` (``labels[b, t]`` is
 the token at position t, -100 on padding and prompt). :func:`lm_batch_from_hf` turns them into the
-project's aligned :class:`~student.data.lm.LMBatch` (``targets[b, t] = labels[b, t + 1]``).
+project's aligned :class:`~atkd.student.data.lm.LMBatch` (``targets[b, t] = labels[b, t + 1]``).
 
 Gradient accumulation: the ATKD split (median / top-k of the teacher's UnC) is taken per micro-batch,
 as in the paper's code, so each micro-batch loss is a mix of group means over its own tokens. The
@@ -26,10 +26,10 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from proto.signal import TeacherSignal
-from student.data.lm import IGNORE_INDEX, LMBatch
-from student.losses import get_loss
-from student.train_loop import TeacherFn
+from atkd.proto.signal import TeacherSignal
+from atkd.student.data.lm import IGNORE_INDEX, LMBatch
+from atkd.student.losses import get_loss
+from atkd.student.train_loop import TeacherFn
 
 #: ATKD diagnostics averaged over the micro-batches since the last log and added to the training logs.
 LOGGED_DIAGNOSTICS = ("mean_uncertainty", "n_easy", "n_hard", "loss_easy", "loss_hard")
@@ -62,13 +62,13 @@ def lm_batch_from_hf(inputs: Mapping[str, torch.Tensor]) -> LMBatch:
 
 
 class DistillationTrainer(Trainer):
-    """``transformers.Trainer`` that distils from ``teacher`` with a loss of :data:`student.losses.LOSSES`.
+    """``transformers.Trainer`` that distils from ``teacher`` with a loss of :data:`atkd.student.losses.LOSSES`.
 
     Args (besides the Trainer's own):
         teacher: callable ``LMBatch -> dense logits [B, T, V] | TeacherSignal`` (e.g.
-            :class:`~student.teachers.LocalTeacher`, :class:`~student.teachers.RemoteTeacher`). It gets
+            :class:`~atkd.student.teachers.LocalTeacher`, :class:`~atkd.student.teachers.RemoteTeacher`). It gets
             the batch on the CPU; its output is moved to the student's device.
-        loss: a name of :data:`student.losses.LOSSES` (default "atkd").
+        loss: a name of :data:`atkd.student.losses.LOSSES` (default "atkd").
         loss_options: keyword options of that loss (e.g. ``{"lam": 0.2, "split": "median"}``).
         log_diagnostics: with the ATKD loss, add :data:`LOGGED_DIAGNOSTICS` (means over the training
             micro-batches since the last log, this process only) to each training log as ``atkd/<name>``.

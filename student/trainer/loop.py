@@ -3,7 +3,7 @@
 Each optimizer step, in order:
 
 1. for each of ``grad_accum`` micro-batches: take micro-batch m (examples from the seeded
-   :class:`~student.data.examples.BatchOrder`) with its teacher signal, which was requested
+   :class:`~atkd.student.data.examples.BatchOrder`) with its teacher signal, which was requested
    ``teacher.prefetch`` batches earlier; student forward (bf16 autocast if asked); loss / grad_accum;
    backward (under DDP the gradients are all-reduced on the last micro-batch only);
 2. clip the global gradient norm; AdamW step; LR schedule step (warmup, then cosine);
@@ -32,12 +32,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from student.data.examples import BatchOrder, Examples
-from student.losses import get_loss
-from student.models import LMEval, evaluate_lm, load_model
-from student.teachers import prefetched
-from student.train_loop import OptimConfig as LoopOptim
-from student.train_loop import make_optimizer
+from atkd.student.data.examples import BatchOrder, Examples
+from atkd.student.losses import get_loss
+from atkd.student.models import LMEval, evaluate_lm, load_model
+from atkd.student.teachers import prefetched
+from atkd.student.train_loop import OptimConfig as LoopOptim
+from atkd.student.train_loop import make_optimizer
 
 from .checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainConfig

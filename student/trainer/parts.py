@@ -1,4 +1,4 @@
-"""Turn a :class:`~student.trainer.config.TrainConfig` into the parts of a run: devices, data, teacher."""
+"""Turn a :class:`~atkd.student.trainer.config.TrainConfig` into the parts of a run: devices, data, teacher."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import torch
 import torch.distributed as dist
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from proto.fingerprint import tokenizer_fingerprint, weights_digest
-from student.client import TeacherClient, TeacherMismatchError
-from student.data.examples import Examples, InstructionData, PackedText
-from student.models import load_model
-from student.signal_cache import CachedTeacher, SignalCache
-from student.teachers import LocalTeacher, RemoteTeacher, TeacherSource
+from atkd.proto.fingerprint import tokenizer_fingerprint, weights_digest
+from atkd.student.client import TeacherClient, TeacherMismatchError
+from atkd.student.data.examples import Examples, InstructionData, PackedText
+from atkd.student.models import load_model
+from atkd.student.signal_cache import CachedTeacher, SignalCache
+from atkd.student.teachers import LocalTeacher, RemoteTeacher, TeacherSource
 
 from .config import DataConfig, TeacherSourceConfig
 
