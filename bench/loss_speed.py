@@ -18,7 +18,6 @@ import sys
 import time
 
 import torch
-
 from atkd.student.losses import atkd_loss, forward_kl
 
 

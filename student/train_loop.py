@@ -19,11 +19,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
-from transformers import PreTrainedModel
-
 from atkd.proto.signal import TeacherSignal
 from atkd.student.data.lm import LMBatch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
 
 TeacherFn = Callable[[LMBatch], "torch.Tensor | TeacherSignal"]
 LossFn = Callable[..., torch.Tensor]

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from transformers import AutoModelForCausalLM
-
 from atkd.student.evaluation import evaluate_generation, greedy_generate, rouge_l
+from transformers import AutoModelForCausalLM
 
 
 @pytest.fixture(scope="module")

@@ -38,18 +38,16 @@ import signal
 import socket
 import threading
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import grpc
 import ray
 import torch
 import transformers
-from ray import serve
-from ray.serve.grpc_util import RayServegRPCContext
-
 from atkd.proto import teacher_pb2 as pb
 from atkd.proto.metadata import AUTHORIZATION_KEY, bearer
+from ray import serve
+from ray.serve.grpc_util import RayServegRPCContext
 
 from .auth import load_token
 from .config import TeacherConfig

@@ -11,9 +11,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedTokenizerBase
-
 from atkd.student.data.corpus import DOC_SEP
+from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
 
