@@ -18,6 +18,7 @@ import sys
 import time
 
 import torch
+
 from atkd.student.losses import atkd_loss, forward_kl
 
 

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import ray
 import torch
+from ray import serve
+
 from atkd.proto import teacher_pb2 as pb
 from atkd.services.teacher.config import TeacherConfig
 from atkd.services.teacher.engine import TeacherEngine
@@ -42,8 +44,6 @@ from atkd.services.teacher.ray_app import GRPC_SERVICER_FUNCTIONS, ROOT, Teacher
 from atkd.services.teacher.request import ScoreJob
 from atkd.services.teacher.scheduler import Scored
 from atkd.student.client import ScoreBatch, TeacherClient
-from ray import serve
-
 from bench.teacher_throughput import BATCH_TOKENS, SEQ, TOP_K, VOCAB, Server, build_model
 
 SEQUENCES_PER_REQUEST = 4

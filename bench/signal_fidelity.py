@@ -17,13 +17,14 @@ import math
 import statistics
 
 import torch
+from transformers.utils import logging as hf_logging
+
 from atkd.proto.signal import compress
 from atkd.student.assets import prepare_demo_assets
 from atkd.student.data.lm import heldout_batches, random_batches
 from atkd.student.losses import atkd_loss, cross_entropy
 from atkd.student.models import load_model
 from atkd.student.train_loop import OptimConfig, train
-from transformers.utils import logging as hf_logging
 
 KS = (8, 16, 32, 64, 128, 256)
 

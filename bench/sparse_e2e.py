@@ -15,13 +15,14 @@ import copy
 import re
 import time
 
+from transformers.utils import logging as hf_logging
+
 from atkd.student.assets import prepare_demo_assets
 from atkd.student.data.lm import heldout_batches, random_batches
 from atkd.student.losses import get_loss
 from atkd.student.models import evaluate_lm, load_model
 from atkd.student.teachers import LocalTeacher
 from atkd.student.train_loop import OptimConfig, train
-from transformers.utils import logging as hf_logging
 
 
 def main() -> None:

@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 
 import torch
+from transformers.utils import logging as hf_logging
+
 from atkd.student.client import TeacherClient
 from atkd.student.data.corpus import EXCERPT_PATH
 from atkd.student.data.examples import PackedText
@@ -38,7 +40,6 @@ from atkd.student.teacher_process import teacher_server
 from atkd.student.trainer.cli import export_cache
 from atkd.student.trainer.config import load_config
 from atkd.student.trainer.loop import METRICS_FILE, train
-from transformers.utils import logging as hf_logging
 
 VOCAB = 4096
 WARMUP_STEPS = 3

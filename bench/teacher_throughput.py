@@ -42,6 +42,9 @@ from pathlib import Path
 
 import grpc
 import torch
+from prometheus_client.parser import text_string_to_metric_families
+from transformers import AutoModelForCausalLM, LlamaConfig
+
 from atkd.proto import teacher_pb2_grpc as pb_grpc
 from atkd.proto.codec import codec_value, decode_signal, encode_signal
 from atkd.proto.signal import compress
@@ -49,8 +52,6 @@ from atkd.services.teacher.engine import TeacherEngine
 from atkd.services.teacher.request import Limits, parse_request
 from atkd.student.client import ScoreBatch, TeacherClient
 from atkd.student.losses import atkd_loss
-from prometheus_client.parser import text_string_to_metric_families
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB, BATCH, SEQ, TOP_K = 8192, 8, 256, 64

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
 from atkd.proto import teacher_pb2 as pb
 from atkd.proto.signal import TeacherSignal
 

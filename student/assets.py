@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
+
 from atkd.student.data.corpus import DOC_SEP, Corpus, atomic_dir, cache_dir, load_corpus
 from atkd.student.data.lm import encode_corpus, random_batches
 from atkd.student.data.tokenizer import train_tokenizer
 from atkd.student.models import build_model, pretrain, save_model
-from transformers import AutoTokenizer
 
 log = logging.getLogger(__name__)
 

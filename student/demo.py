@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 import torch
+from transformers.utils import logging as hf_logging
+
 from atkd.student.assets import prepare_demo_assets
 from atkd.student.data.examples import PackedText
 from atkd.student.data.lm import heldout_batches
@@ -26,7 +28,6 @@ from atkd.student.models import LMEval, evaluate_lm, load_model
 from atkd.student.teacher_process import teacher_server
 from atkd.student.trainer.config import DataConfig, LossConfig, OptimConfig, TeacherSourceConfig, TrainConfig
 from atkd.student.trainer.loop import train
-from transformers.utils import logging as hf_logging
 
 DEFAULT_TAIL_SAMPLES = 16
 

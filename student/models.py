@@ -13,10 +13,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from atkd.student.data.lm import IGNORE_INDEX, LMBatch
-from atkd.student.data.tokenizer import EOS_ID, PAD_ID
-from atkd.student.losses import cross_entropy
-from atkd.student.train_loop import OptimConfig, train
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -26,6 +22,11 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
 )
+
+from atkd.student.data.lm import IGNORE_INDEX, LMBatch
+from atkd.student.data.tokenizer import EOS_ID, PAD_ID
+from atkd.student.losses import cross_entropy
+from atkd.student.train_loop import OptimConfig, train
 
 FAMILIES = ("gpt2", "opt", "gpt_neox", "llama")
 

@@ -24,12 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from atkd.proto.signal import TeacherSignal
-from atkd.student.data.examples import Examples
-from atkd.student.teachers import Deferred, TeacherSource, prefetched
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
+
+from atkd.proto.signal import TeacherSignal
+from atkd.student.data.examples import Examples
+from atkd.student.teachers import Deferred, TeacherSource, prefetched
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1

@@ -22,10 +22,11 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
 import torch
+from transformers import PreTrainedModel
+
 from atkd.proto.signal import IGNORE_INDEX, TeacherSignal, compress
 from atkd.student.client import TeacherClient
 from atkd.student.data.lm import LMBatch
-from transformers import PreTrainedModel
 
 TeacherOutput = torch.Tensor | TeacherSignal
 

@@ -19,10 +19,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-from atkd.proto.signal import TeacherSignal
-from atkd.student.data.lm import LMBatch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
+
+from atkd.proto.signal import TeacherSignal
+from atkd.student.data.lm import LMBatch
 
 TeacherFn = Callable[[LMBatch], "torch.Tensor | TeacherSignal"]
 LossFn = Callable[..., torch.Tensor]

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
 from atkd.services.teacher.config import TeacherConfig
 from atkd.services.teacher.engine import TeacherEngine
 from atkd.student.data.corpus import EXCERPT_PATH
 from atkd.student.data.tokenizer import train_tokenizer
 from atkd.student.models import tiny_config
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-
 from tests.teacher_harness import ServerThread
 
 EXCERPT = EXCERPT_PATH  # the shipped excerpt (package data)

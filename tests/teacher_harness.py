@@ -12,12 +12,13 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import torch
+from transformers import AutoModelForCausalLM
+
 from atkd.proto.signal import TeacherSignal, compress
 from atkd.services.teacher.config import TeacherConfig
 from atkd.services.teacher.engine import TeacherEngine
 from atkd.services.teacher.request import ScoreJob
 from atkd.services.teacher.server import TeacherServer
-from transformers import AutoModelForCausalLM
 
 _loop: asyncio.AbstractEventLoop | None = None
 

@@ -9,14 +9,14 @@ import time
 import grpc
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
+
 from atkd.proto.signal import compress
 from atkd.services.teacher.config import TeacherConfig
 from atkd.services.teacher.engine import TeacherEngine
 from atkd.student.client import ScoreBatch, TeacherClient, TeacherError, TeacherMismatchError, next_token_targets
 from atkd.student.data.tokenizer import train_tokenizer
 from atkd.student.losses import atkd_loss
-from transformers import AutoModelForCausalLM
-
 from tests.teacher_harness import GatedEngine, ServerThread, wait_until
 
 

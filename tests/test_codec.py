@@ -8,6 +8,7 @@ import struct
 
 import pytest
 import torch
+
 from atkd.proto import teacher_pb2 as pb
 from atkd.proto.codec import (
     Q8_ENTROPY_STEP,

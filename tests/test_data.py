@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoTokenizer
+
 from atkd.student.data import corpus as corpus_module
 from atkd.student.data.corpus import DOC_SEP, cache_dir, clean_text, load_corpus
 from atkd.student.data.lm import encode_corpus, heldout_batches, random_batches
 from atkd.student.data.tokenizer import EOS_ID, PAD_ID, tokenizer_fingerprint, train_tokenizer
-from transformers import AutoTokenizer
 
 
 @pytest.fixture(scope="module")

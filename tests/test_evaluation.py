@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from atkd.student.evaluation import evaluate_generation, greedy_generate, rouge_l
 from transformers import AutoModelForCausalLM
+
+from atkd.student.evaluation import evaluate_generation, greedy_generate, rouge_l
 
 
 @pytest.fixture(scope="module")

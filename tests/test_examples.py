@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+
 from atkd.student.data.examples import BatchOrder, InstructionData, PackedText
 from atkd.student.data.instructions import dialogue_pairs
 from atkd.student.data.lm import IGNORE_INDEX

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from transformers import AutoTokenizer
+
 from atkd.proto.fingerprint import tokenizer_fingerprint
 from atkd.student.data.tokenizer import train_tokenizer
-from transformers import AutoTokenizer
 
 
 def test_fingerprint_is_stable_across_save_and_reload(tiny_tokenizer, tmp_path):

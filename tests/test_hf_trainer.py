@@ -6,13 +6,14 @@ import math
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, TrainingArguments
+from transformers.utils import logging as hf_logging
+
 from atkd.student.client import TeacherClient
 from atkd.student.data.lm import LMBatch
 from atkd.student.losses import atkd_loss
 from atkd.student.teachers import LocalTeacher, RemoteTeacher
 from atkd.student.trainer.hf import DistillationTrainer, lm_batch_from_hf
-from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, TrainingArguments
-from transformers.utils import logging as hf_logging
 
 hf_logging.disable_progress_bar()
 SEQ_LEN = 24

@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
+
 from atkd.proto.signal import compress
 from atkd.student.losses import LOSSES, ForwardKL, ReverseKL, atkd_loss, forward_kl, split_hard
 from atkd.student.losses.atkd import target_and_diversity
 from atkd.student.losses.buckets import dense_buckets
-
 from tests.reference_losses import reference_atkd, reference_divergence, tkd_dkd
 
 BASELINES = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "dkd", "sft"]

@@ -7,12 +7,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import AutoTokenizer
+
 from atkd.student.assets import prepare_demo_assets
 from atkd.student.data.corpus import DOC_SEP, load_corpus
 from atkd.student.data.lm import LMBatch, encode_corpus, heldout_batches, random_batches
 from atkd.student.data.tokenizer import EOS_ID, PAD_ID, tokenizer_fingerprint, train_tokenizer
 from atkd.student.models import FAMILIES, build_model, evaluate_lm, load_model, pretrain, save_model, tiny_config
-from transformers import AutoTokenizer
 
 TINY = dict(hidden=32, layers=2, heads=2, max_len=64)
 VOCAB = 300

@@ -12,18 +12,21 @@ import grpc
 import pytest
 import torch
 import yaml
+
 from atkd.proto import teacher_pb2_grpc as pb_grpc
 from atkd.proto.metadata import APPLICATION_KEY, CLIENT_ID_KEY
 from atkd.services.teacher.config import TeacherConfig
 from atkd.student.client import ScoreBatch, TeacherClient, TeacherError
 from atkd.student.teacher_process import teacher_process
-
 from tests.teacher_harness import http_get, reference_signals
 from tests.test_teacher_server import SEQUENCES, TOLERANCE, assert_matches_reference, request
 
 with warnings.catch_warnings():  # Ray 2.60's own models use pydantic features deprecated since pydantic 2.0
     warnings.simplefilter("ignore", DeprecationWarning)
     import ray
+    from ray import serve
+    from ray.serve.schema import ServeDeploySchema
+
     from atkd.services.teacher.ray_app import (
         APP_NAME,
         GRPC_SERVICER_FUNCTIONS,
@@ -32,8 +35,6 @@ with warnings.catch_warnings():  # Ray 2.60's own models use pydantic features d
         build_app,
         free_port,
     )
-    from ray import serve
-    from ray.serve.schema import ServeDeploySchema
 
 pytestmark = pytest.mark.slow
 

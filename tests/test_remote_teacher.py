@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
+
 from atkd.student.client import TeacherClient
 from atkd.student.data.lm import LMBatch
 from atkd.student.losses import atkd_loss
 from atkd.student.teacher_process import teacher_server
 from atkd.student.teachers import LocalTeacher, RemoteTeacher
-from transformers import AutoModelForCausalLM
-
 from tests.conftest import TINY_VOCAB
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
 from atkd.proto import teacher_pb2 as pb
 from atkd.proto.fingerprint import weights_digest
 from atkd.proto.signal import compress
 from atkd.services.teacher.engine import TeacherEngine, resolve_device, resolve_dtype
 from atkd.services.teacher.errors import InvalidArgument
 from atkd.services.teacher.request import Limits, parse_request
-from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 LIMITS = Limits(vocab_size=512, max_seq_len=128, max_batch_tokens=1024, max_top_k=64, max_tail_samples=8)
 

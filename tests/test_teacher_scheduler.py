@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
+
 from atkd.services.teacher.errors import DeadlineExceeded, ResourceExhausted, ServiceError, Unavailable
 from atkd.services.teacher.metrics import TeacherMetrics
 from atkd.services.teacher.scheduler import Scheduler

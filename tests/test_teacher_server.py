@@ -14,6 +14,11 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from google.protobuf.descriptor_pool import DescriptorPool
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from prometheus_client.parser import text_string_to_metric_families
+
 from atkd.proto import generate
 from atkd.proto import teacher_pb2 as pb
 from atkd.proto import teacher_pb2_grpc as pb_grpc
@@ -23,11 +28,6 @@ from atkd.services.teacher.cli import add_config_flags, parse_config
 from atkd.services.teacher.config import TeacherConfig
 from atkd.student.client import ScoreBatch, TeacherClient, TeacherError
 from atkd.student.teacher_process import teacher_process
-from google.protobuf.descriptor_pool import DescriptorPool
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from prometheus_client.parser import text_string_to_metric_families
-
 from tests.teacher_harness import GatedEngine, ServerThread, http_get, reference_signals, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+
 from atkd.proto.signal import TeacherSignal, compress
 from atkd.student.data.lm import heldout_batches, random_batches
 from atkd.student.losses import get_loss

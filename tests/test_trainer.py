@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
 from atkd.student.client import TeacherMismatchError
 from atkd.student.data.instructions import dialogue_pairs, write_jsonl
 from atkd.student.data.tokenizer import train_tokenizer
@@ -22,7 +24,6 @@ from atkd.student.trainer.cli import export_cache, run_eval
 from atkd.student.trainer.config import load_config
 from atkd.student.trainer.loop import train
 from atkd.student.trainer.parts import build_teacher, load_examples, load_tokenizer
-from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import grpc
+
 from atkd.proto.metadata import AUTHORIZATION_KEY, bearer
 
 OPEN_METHODS_PREFIX = "/grpc.health.v1.Health/"

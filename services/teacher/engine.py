@@ -21,9 +21,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
 from atkd.proto.fingerprint import tokenizer_fingerprint, weights_digest
 from atkd.proto.signal import TeacherSignal, compress, rows_per_chunk
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .request import ScoreJob
 

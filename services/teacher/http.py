@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from atkd.proto import teacher_pb2 as pb
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 from google.protobuf.json_format import MessageToDict
 from prometheus_client import CONTENT_TYPE_LATEST
+
+from atkd.proto import teacher_pb2 as pb
 
 from .metrics import TeacherMetrics
 

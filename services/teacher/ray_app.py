@@ -44,10 +44,11 @@ import grpc
 import ray
 import torch
 import transformers
-from atkd.proto import teacher_pb2 as pb
-from atkd.proto.metadata import AUTHORIZATION_KEY, bearer
 from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
+
+from atkd.proto import teacher_pb2 as pb
+from atkd.proto.metadata import AUTHORIZATION_KEY, bearer
 
 from .auth import load_token
 from .config import TeacherConfig

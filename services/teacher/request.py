@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
 from atkd.proto import teacher_pb2 as pb
 from atkd.proto.codec import codec_name
 

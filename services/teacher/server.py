@@ -25,11 +25,12 @@ import grpc
 import torch
 import transformers
 import uvicorn
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
 from atkd.proto import teacher_pb2 as pb
 from atkd.proto import teacher_pb2_grpc as pb_grpc
 from atkd.proto.codec import CODECS
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from .auth import BearerTokenInterceptor, load_token
 from .config import TeacherConfig

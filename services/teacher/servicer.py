@@ -10,6 +10,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
+
 from atkd.proto import teacher_pb2 as pb
 from atkd.proto import teacher_pb2_grpc as pb_grpc
 from atkd.proto.codec import encode_signal

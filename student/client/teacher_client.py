@@ -43,6 +43,7 @@ from typing import Any
 import grpc
 import numpy as np
 import torch
+
 from atkd.proto import teacher_pb2 as pb
 from atkd.proto import teacher_pb2_grpc as pb_grpc
 from atkd.proto.codec import codec_name, codec_value, decode_signal

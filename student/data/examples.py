@@ -29,9 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedTokenizerBase
+
 from atkd.student.data.corpus import DOC_SEP
 from atkd.student.data.lm import IGNORE_INDEX, LMBatch, encode_corpus
-from transformers import PreTrainedTokenizerBase
 
 
 class Examples:

@@ -11,8 +11,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from atkd.student.data.corpus import DOC_SEP
 from transformers import PreTrainedTokenizerBase
+
+from atkd.student.data.corpus import DOC_SEP
 
 IGNORE_INDEX = -100
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from atkd.proto.fingerprint import tokenizer_fingerprint
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
+
+from atkd.proto.fingerprint import tokenizer_fingerprint
 
 __all__ = ["EOS_ID", "EOS_TOKEN", "PAD_ID", "PAD_TOKEN", "tokenizer_fingerprint", "train_tokenizer"]
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from atkd.proto.signal import TeacherSignal
 
 from .batch import LossBatch, Teacher, fused_chunked_sum

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
 from atkd.proto.signal import IGNORE_INDEX, TeacherSignal, rows_per_chunk
 
 from .buckets import Normalised, dense_buckets, signal_buckets, student_buckets_for_signal

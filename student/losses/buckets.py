@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import torch
+
 from atkd.proto.signal import TeacherSignal
 
 #: Log-weight of a masked bucket: exp() of it is exactly 0 in fp32 and fp64, and it stays finite.

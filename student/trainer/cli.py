@@ -19,10 +19,11 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+from transformers.utils import logging as hf_logging
+
 from atkd.proto.fingerprint import tokenizer_fingerprint
 from atkd.student.client import TeacherError, TeacherMismatchError
 from atkd.student.signal_cache import CacheManifest, CacheMismatchError, export_signals
-from transformers.utils import logging as hf_logging
 
 from .config import TrainConfig, describe_fields, load_config
 from .loop import FINAL_DIR, evaluate, train

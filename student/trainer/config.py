@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from atkd.student.losses import LOSSES
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from atkd.student.losses import LOSSES
 
 
 class Section(BaseModel):

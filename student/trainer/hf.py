@@ -24,11 +24,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from transformers import Trainer
+
 from atkd.proto.signal import TeacherSignal
 from atkd.student.data.lm import IGNORE_INDEX, LMBatch
 from atkd.student.losses import get_loss
 from atkd.student.train_loop import TeacherFn
-from transformers import Trainer
 
 #: ATKD diagnostics averaged over the micro-batches since the last log and added to the training logs.
 LOGGED_DIAGNOSTICS = ("mean_uncertainty", "n_easy", "n_hard", "loss_easy", "loss_hard")

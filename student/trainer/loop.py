@@ -29,14 +29,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
 from atkd.student.data.examples import BatchOrder, Examples
 from atkd.student.losses import get_loss
 from atkd.student.models import LMEval, evaluate_lm, load_model
 from atkd.student.teachers import prefetched
 from atkd.student.train_loop import OptimConfig as LoopOptim
 from atkd.student.train_loop import make_optimizer
-from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 
 from .checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainConfig

@@ -7,13 +7,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
 from atkd.proto.fingerprint import tokenizer_fingerprint, weights_digest
 from atkd.student.client import TeacherClient, TeacherMismatchError
 from atkd.student.data.examples import Examples, InstructionData, PackedText
 from atkd.student.models import load_model
 from atkd.student.signal_cache import CachedTeacher, SignalCache
 from atkd.student.teachers import LocalTeacher, RemoteTeacher, TeacherSource
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import DataConfig, TeacherSourceConfig
 
