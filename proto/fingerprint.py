@@ -15,6 +15,26 @@ from typing import Any
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
+class TeacherMismatchError(ValueError):
+    """The teacher's vocabulary or tokenizer is not the student's."""
+
+
+def check_same_tokenizer(teacher: str, teacher_vocab: int, teacher_hash: str, student_vocab: int | None,
+                         student_hash: str) -> None:
+    """The one compatibility check between a teacher (a server's ``Info``, a local model, a signal
+    cache's manifest) and the student: the same vocabulary width, and the same tokenizer fingerprint
+    when both sides have one (an empty hash is unknown and skips that part). ``teacher`` names it in
+    the message. Raises :class:`TeacherMismatchError`."""
+    if student_vocab is not None and teacher_vocab != student_vocab:
+        raise TeacherMismatchError(
+            f"teacher {teacher} scores a vocabulary of {teacher_vocab} tokens, the student's has {student_vocab}: "
+            "teacher and student must share a tokenizer")
+    if teacher_hash and student_hash and teacher_hash != student_hash:
+        raise TeacherMismatchError(
+            f"teacher {teacher} uses another tokenizer (fingerprint {teacher_hash[:12]}..., the student's is "
+            f"{student_hash[:12]}...): teacher and student must share a tokenizer")
+
+
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """sha256 hex of everything that maps text to ids, for a fast (Rust-backed) HF tokenizer.
 

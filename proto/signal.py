@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE_INDEX = -100
+from .alignment import IGNORE_INDEX
 
 #: Elements of fp32 [rows, V] work per chunk when no chunk size is given (16 MiB per buffer).
 DEFAULT_CHUNK_ELEMENTS = 1 << 22

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from atkd.proto import teacher_pb2 as pb
+from atkd.proto.alignment import scored_positions
 from atkd.proto.codec import codec_name
 
 from .errors import InvalidArgument
@@ -84,7 +85,7 @@ def parse_request(request: pb.ScoreRequest, limits: Limits) -> ScoreJob:
         raise InvalidArgument(f"tail_samples = {request.tail_samples} is above this teacher's maximum "
                               f"{limits.max_tail_samples}")
 
-    rows, cols, flat = _scored_positions(lengths, request.score_mask)
+    rows, cols, flat = scored_positions(lengths, request.score_mask)
     return ScoreJob(
         token_ids=torch.from_numpy(ids), lengths=lengths, rows=torch.from_numpy(rows), cols=torch.from_numpy(cols),
         targets=torch.from_numpy(ids[flat + 1]), top_k=request.top_k, codec=codec, temperature=temperature,
@@ -106,15 +107,3 @@ def _check_lengths(lengths: tuple[int, ...], total: int, limits: Limits) -> None
     if total > limits.max_batch_tokens:
         raise InvalidArgument(f"token_ids holds {total} tokens, more than max_batch_tokens = "
                               f"{limits.max_batch_tokens}: split the batch into several requests")
-
-
-def _scored_positions(lengths: tuple[int, ...], score_mask) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(sequence, position, flat index) of every scored position: flagged and not last of its sequence."""
-    sizes = np.asarray(lengths, dtype=np.int64)
-    rows = np.repeat(np.arange(sizes.size), sizes)
-    flat = np.arange(sizes.sum())
-    cols = flat - (np.cumsum(sizes) - sizes)[rows]
-    scored = cols < sizes[rows] - 1
-    if score_mask:
-        scored &= np.asarray(score_mask, dtype=bool)
-    return rows[scored], cols[scored], flat[scored]
