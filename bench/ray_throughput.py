@@ -40,9 +40,10 @@ from ray import serve
 from atkd.proto import teacher_pb2 as pb
 from atkd.services.teacher.config import TeacherConfig
 from atkd.services.teacher.engine import TeacherEngine
-from atkd.services.teacher.ray_app import GRPC_SERVICER_FUNCTIONS, ROOT, TeacherReplica, application, free_port
+from atkd.services.teacher.ray_app import GRPC_SERVICER_FUNCTIONS, TeacherReplica, application, free_port
 from atkd.services.teacher.request import ScoreJob
 from atkd.services.teacher.scheduler import Scored
+from atkd.services.teacher.servicer import TeacherServicer
 from atkd.student.client import ScoreBatch, TeacherClient
 from bench.teacher_throughput import BATCH_TOKENS, SEQ, TOP_K, VOCAB, Server, build_model
 
@@ -79,8 +80,11 @@ class ServeBatcher:
 class ServeBatchReplica(TeacherReplica):
     """The teacher replica with ``@serve.batch`` in place of the Scheduler (and none of its limits)."""
 
-    def _batcher(self) -> ServeBatcher:
-        return ServeBatcher(self.engine)
+    async def __init__(self, config: dict):
+        await super().__init__(config)
+        replica = self.replica
+        await replica.scheduler.stop()
+        replica.servicer = TeacherServicer(replica.info, replica.limits, ServeBatcher(replica.engine), replica.metrics)
 
 
 def request_batches(count: int, seed: int) -> list[ScoreBatch]:
@@ -214,7 +218,6 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="ray-bench-"))
     params = build_model(workdir, args.hidden, args.layers)
     plain = Server(workdir, args.threads)
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     # Two replicas of --threads CPUs each; Ray's own processes take no CPU resources but do use the cores.
     ray.init(address="local", num_cpus=2 * args.threads, object_store_memory=256 << 20, include_dashboard=False,
              log_to_driver=False)

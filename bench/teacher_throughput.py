@@ -29,10 +29,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -52,8 +49,8 @@ from atkd.services.teacher.engine import TeacherEngine
 from atkd.services.teacher.request import Limits, parse_request
 from atkd.student.client import ScoreBatch, TeacherClient
 from atkd.student.losses import atkd_loss
+from atkd.student.teacher_process import teacher_process
 
-ROOT = Path(__file__).resolve().parent.parent
 VOCAB, BATCH, SEQ, TOP_K = 8192, 8, 256, 64
 BATCH_TOKENS = BATCH * SEQ
 
@@ -75,22 +72,15 @@ def batches(count: int, seed: int) -> list[ScoreBatch]:
 
 
 class Server:
-    """``python -m atkd.services.teacher.cli serve`` in a subprocess; its ports come from its log."""
+    """``atkd-teacher serve`` in a subprocess (the launcher the demo and the tests use: ports from its
+    readiness file)."""
 
     def __init__(self, model_dir: Path, threads: int):
-        command = [sys.executable, "-m", "atkd.services.teacher.cli", "serve", "--model", str(model_dir), "--port", "0",
-                   "--http-port", "0", "--threads", str(threads), "--max-batch-tokens", str(BATCH_TOKENS),
-                   "--max-wait-ms", "5", "--top-k-max", "256", "--max-queue-tokens", str(16 * BATCH_TOKENS)]
-        self.process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                                        stderr=subprocess.PIPE, text=True)
-        for line in self.process.stderr:
-            if match := re.search(r"gRPC on .*:(\d+), HTTP on .*:(\d+)", line):
-                self.grpc_port, self.http_port = map(int, match.groups())
-                break
-        else:
-            raise RuntimeError("the teacher server exited before serving")
-        threading.Thread(target=lambda: [None for _ in self.process.stderr], daemon=True).start()
-        self.address = f"127.0.0.1:{self.grpc_port}"
+        args = ["--threads", str(threads), "--max-batch-tokens", str(BATCH_TOKENS), "--max-wait-ms", "5",
+                "--top-k-max", "256", "--max-queue-tokens", str(16 * BATCH_TOKENS)]
+        self._context = teacher_process(model_dir, extra_args=args)
+        teacher = self._context.__enter__()
+        self.address, self.http_port = teacher.address, teacher.http_port
 
     def metric(self, name: str) -> float:
         """The value of an unlabelled sample of the server's /metrics."""
@@ -107,8 +97,7 @@ class Server:
         return self.metric("atkd_teacher_forward_seconds_sum")
 
     def close(self) -> None:
-        self.process.terminate()
-        self.process.wait(60)
+        self._context.__exit__(None, None, None)
 
 
 def in_process(engine: TeacherEngine, work: list[ScoreBatch]) -> dict:

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from atkd.services.teacher.ready import read_ready
 from atkd.student.client import TeacherClient
 from atkd.student.data.lm import LMBatch
 from atkd.student.losses import atkd_loss
 from atkd.student.teacher_process import teacher_server
 from atkd.student.teachers import LocalTeacher, RemoteTeacher
 from tests.conftest import TINY_VOCAB
+from tests.teacher_harness import http_get, wait_until
 
 
 def lm_batch(seed: int, b: int = 3, t: int = 20, prompt: int = 0) -> LMBatch:
@@ -56,3 +61,21 @@ def test_teacher_server_subprocess_serves_and_stops(tiny_model_dir, tmp_path):
         with TeacherClient(address) as client:
             assert client.info().vocab_size == TINY_VOCAB
     assert "atkd-teacher stopped" in log.read_text()
+
+
+def test_ready_file_names_the_serving_process_and_its_ports_and_goes_away_on_stop(tiny_model_dir, tmp_path):
+    ready_file = tmp_path / "run" / "ready.json"
+    command = [sys.executable, "-m", "atkd.services.teacher.cli", "serve", "--model", str(tiny_model_dir), "--port",
+               "0", "--http-port", "0", "--threads", "1", "--ready-file", str(ready_file)]
+    process = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+    try:
+        ready = wait_until(lambda: read_ready(ready_file), timeout=60, what="the readiness file")
+        assert ready.pid == process.pid and ready.model_id == tiny_model_dir.name
+        assert http_get(ready.http_port, "/readyz")[0] == 200
+        with TeacherClient(ready.address) as client:
+            assert client.info().vocab_size == TINY_VOCAB
+        process.terminate()
+        assert process.wait(30) == 0
+        assert not ready_file.exists()
+    finally:
+        process.kill()

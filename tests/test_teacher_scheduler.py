@@ -132,7 +132,7 @@ def test_backpressure_refuses_with_resource_exhausted():
         await asyncio.to_thread(engine.started.wait, 5)  # a0 and a1 computing: the queue is empty again
         queued = [asyncio.create_task(scheduler.submit("b", FakeJob(f"b{i}", 100))) for i in range(2)]
         await asyncio.sleep(0)
-        assert scheduler.saturated and scheduler.queued_tokens == 200
+        assert scheduler.saturated and scheduler.queue.queued_tokens == 200
         with pytest.raises(ResourceExhausted, match=r"queue is full \(200 tokens queued, limit 200\)"):
             await scheduler.submit("c", FakeJob("c0", 1))
         engine.gate.set()
@@ -153,11 +153,11 @@ def test_cancelled_and_expired_requests_are_never_computed():
         await asyncio.to_thread(engine.started.wait, 5)
         cancelled = asyncio.create_task(scheduler.submit("b", FakeJob("cancelled", 10)))
         await asyncio.sleep(0)
-        assert scheduler.queued_requests == 1
+        assert scheduler.queue.queued_requests == 1
         cancelled.cancel()
         with pytest.raises(DeadlineExceeded, match="without being scheduled"):
             await scheduler.submit("c", FakeJob("expired", 10), timeout_s=0.05)
-        assert scheduler.queued_requests == 0 and scheduler.queued_tokens == 0
+        assert scheduler.queue.queued_requests == 0 and scheduler.queue.queued_tokens == 0
         engine.gate.set()
         await running
         await scheduler.submit("b", FakeJob("after", 10))

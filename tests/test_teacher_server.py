@@ -192,14 +192,14 @@ def test_backpressure_and_readiness_when_the_queue_fills(serve_teacher, tiny_tea
     first = a.Score.future(request([list(range(16))], "a0"), metadata=a_metadata, timeout=20)
     wait_until(gated.entered.is_set, what="the first batch to compute")
     second = a.Score.future(request([list(range(16))], "a1"), metadata=a_metadata, timeout=20)
-    wait_until(lambda: server.server.scheduler.inflight("a") == 2)
+    wait_until(lambda: server.server.replica.scheduler.inflight("a") == 2)
     with pytest.raises(grpc.RpcError) as failure:
         a.Score(request([list(range(16))], "a2"), metadata=a_metadata, timeout=10)
     assert failure.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "client 'a' already has 2 requests in flight, the limit is 2" in failure.value.details()
     assert server.http("/readyz")[0] == 200
     queued = [b.Score.future(request([list(range(56))], f"b{i}"), metadata=b_metadata, timeout=20) for i in range(2)]
-    wait_until(lambda: server.server.scheduler.queued_tokens == 128)
+    wait_until(lambda: server.server.replica.scheduler.queue.queued_tokens == 128)
     assert server.http("/readyz") == (503, {"ready": False, "reason": "queue saturated"})
     c, c_metadata = stub(server, "c")
     with pytest.raises(grpc.RpcError) as failure:
@@ -216,7 +216,7 @@ def test_expired_and_cancelled_requests_are_never_computed(serve_teacher, tiny_t
     gated.gate.clear()
     server = serve_teacher(gated, max_batch_tokens=64)
     teacher, metadata = stub(server)
-    scheduler = server.server.scheduler
+    scheduler = server.server.replica.scheduler
     running = teacher.Score.future(request([[1] * 8]), metadata=metadata, timeout=20)
     wait_until(gated.entered.is_set, what="the first batch to compute")
     with pytest.raises(grpc.RpcError) as failure:  # the request's own timeout_ms, enforced by the scheduler
@@ -226,9 +226,9 @@ def test_expired_and_cancelled_requests_are_never_computed(serve_teacher, tiny_t
         teacher.Score(request([[3] * 8]), metadata=metadata, timeout=0.3)
     assert failure.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     cancelled = teacher.Score.future(request([[4] * 8]), metadata=metadata, timeout=20)
-    wait_until(lambda: scheduler.queued_requests == 1, what="the request to be queued")
+    wait_until(lambda: scheduler.queue.queued_requests == 1, what="the request to be queued")
     cancelled.cancel()
-    wait_until(lambda: scheduler.queued_requests == 0, what="the cancelled request to leave the queue")
+    wait_until(lambda: scheduler.queue.queued_requests == 0, what="the cancelled request to leave the queue")
     gated.gate.set()
     running.result()
     teacher.Score(request([[5] * 8]), metadata=metadata, timeout=10)

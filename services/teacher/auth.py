@@ -32,25 +32,46 @@ def load_token(token_file: Path | None = None, token_env: str | None = None) -> 
     return token
 
 
-class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    """Lets a call through only with ``authorization: Bearer <token>`` (health checks always pass)."""
+UNAUTHENTICATED = "missing or wrong bearer token: send the metadata 'authorization: Bearer <token>'"
+
+
+class BearerToken:
+    """The replica's auth policy: a call is allowed when its metadata carries ``authorization: Bearer
+    <token>`` (compared in constant time). Both transports ask it: the plain server through
+    :class:`BearerTokenInterceptor`, the Ray Serve replica in each RPC method."""
 
     def __init__(self, token: str):
         self._expected = bearer(token).encode()
+
+    @classmethod
+    def from_config(cls, token_file: Path | None, token_env: str | None) -> BearerToken | None:
+        """The policy of a config (None: no auth configured, every call allowed)."""
+        token = load_token(token_file, token_env)
+        return None if token is None else cls(token)
+
+    def allows(self, metadata) -> bool:
+        """``metadata``: the call's ``(key, value)`` pairs."""
+        sent = dict(metadata or ()).get(AUTHORIZATION_KEY, "")
+        return hmac.compare_digest(sent.encode(), self._expected)
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Lets a call through only if ``policy`` allows it (health checks always pass)."""
+
+    def __init__(self, policy: BearerToken):
+        self._policy = policy
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(OPEN_METHODS_PREFIX):
             return handler
-        metadata = dict(handler_call_details.invocation_metadata or ())
-        if hmac.compare_digest(metadata.get(AUTHORIZATION_KEY, "").encode(), self._expected):
+        if self._policy.allows(handler_call_details.invocation_metadata):
             return handler
         return _refusing(handler)
 
 
 async def _refuse(request_or_iterator, context: grpc.aio.ServicerContext) -> None:
-    await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                        "missing or wrong bearer token: send the metadata 'authorization: Bearer <token>'")
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED)
 
 
 def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:

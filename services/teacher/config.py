@@ -41,6 +41,8 @@ class TeacherConfig(BaseModel):
     tls_cert: Path | None = Field(None, description="PEM certificate chain: serve gRPC over TLS")
     tls_key: Path | None = Field(None, description="PEM private key of --tls-cert")
     grace_s: float = Field(30.0, ge=0, description="on SIGTERM, seconds to finish in-flight work before exiting")
+    ready_file: Path | None = Field(None, description="once serving, write {pid, host, grpc_port, http_port, "
+                                                       "model_id} as JSON here (atomically); removed on stop")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="logging level")
 
     @model_validator(mode="after")

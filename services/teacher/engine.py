@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from atkd.proto.device import resolve_device
 from atkd.proto.fingerprint import tokenizer_fingerprint, weights_digest
 from atkd.proto.signal import TeacherSignal, compress, rows_per_chunk
 
@@ -31,13 +32,6 @@ from .request import ScoreJob
 log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto``: the first CUDA device if there is one, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

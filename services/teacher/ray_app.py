@@ -30,8 +30,6 @@ so TLS is refused; bearer-token auth is checked in the replica.
 
 from __future__ import annotations
 
-import asyncio
-import hmac
 import logging
 import os
 import signal
@@ -48,22 +46,17 @@ from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
 
 from atkd.proto import teacher_pb2 as pb
-from atkd.proto.metadata import AUTHORIZATION_KEY, bearer
 
-from .auth import load_token
+from .auth import UNAUTHENTICATED
 from .config import TeacherConfig
-from .engine import TeacherEngine
-from .metrics import TeacherMetrics
-from .scheduler import Scheduler
-from .server import make_info, make_limits
-from .servicer import TeacherServicer
+from .ready import Ready, remove_ready, write_ready
+from .replica import Replica
 
 log = logging.getLogger(__name__)
 
 APP_NAME = "atkd-teacher"
 ROUTE_PREFIX = "/atkd-teacher"
 GRPC_SERVICER_FUNCTIONS = ["atkd.proto.teacher_pb2_grpc.add_TeacherServicer_to_server"]
-UNAUTHENTICATED = "missing or wrong bearer token: send the metadata 'authorization: Bearer <token>'"
 
 
 class _Aborted(Exception):
@@ -94,33 +87,15 @@ class _ServeContext:
 
 
 class TeacherReplica:
-    """One Serve replica: engine + Scheduler + TeacherServicer; the methods are named after the RPCs."""
+    """One Serve replica: a :class:`Replica`, with methods named after the RPCs (Serve's proxy calls them)."""
 
     async def __init__(self, config: dict[str, Any]):
-        self.config = TeacherConfig(**config)
+        config = TeacherConfig(**config)
         transformers.utils.logging.disable_progress_bar()  # replica logs go to the driver and Ray's log files
-        if self.config.threads is not None:
-            torch.set_num_threads(self.config.threads)
-        self._token = load_token(self.config.auth_token_file, self.config.auth_token_env)
-        self.metrics = TeacherMetrics()
-        self.engine = await asyncio.to_thread(
-            TeacherEngine.load, self.config.model, dtype=self.config.dtype, device=self.config.device,
-            model_id=self.config.model_id, revision=self.config.revision, max_seq_len=self.config.max_seq_len,
-            chunk_size=self.config.chunk_size)  # fmt: skip
-        self.info = make_info(self.config, self.engine)
-        self.scheduler = self._batcher()
-        self.servicer = TeacherServicer(self.info, make_limits(self.config, self.engine), self.scheduler,
-                                        self.metrics)
-
-    def _batcher(self) -> Scheduler:
-        """What the servicer submits jobs to: ``submit(client, job, timeout_s) -> Scored`` and ``stop()``
-        (bench/ray_throughput.py swaps in ``@serve.batch`` here to compare the two)."""
-        config = self.config
-        scheduler = Scheduler(self.engine.score, self.metrics, max_batch_tokens=config.max_batch_tokens,
-                              max_wait_s=config.max_wait_ms / 1000, max_queue_tokens=config.queue_tokens,
-                              max_inflight_per_client=config.max_inflight_per_client)
-        scheduler.start()
-        return scheduler
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
+        self.replica = await Replica.load(config)
+        self.replica.start()
 
     async def Info(self, request: pb.InfoRequest, grpc_context: RayServegRPCContext | None = None) -> pb.InfoResponse:
         context = _ServeContext(grpc_context)
@@ -128,14 +103,14 @@ class TeacherReplica:
             await self._authenticate(context)
         except _Aborted:
             return pb.InfoResponse()
-        return self.info
+        return self.replica.info
 
     async def Score(self, request: pb.ScoreRequest,
                     grpc_context: RayServegRPCContext | None = None) -> pb.ScoreResponse:
         context = _ServeContext(grpc_context)
         try:
             await self._authenticate(context)
-            return await self.servicer.Score(request, context)
+            return await self.replica.servicer.Score(request, context)
         except _Aborted:
             return pb.ScoreResponse()
 
@@ -146,13 +121,13 @@ class TeacherReplica:
             await self._authenticate(context)
         except _Aborted:
             return
-        async for response in self.servicer.ScoreStream(requests, context):
+        async for response in self.replica.servicer.ScoreStream(requests, context):
             yield response
 
     def stats(self) -> dict[str, Any]:
         """This replica's id, process and Score requests answered by status code (from its metrics)."""
         answered = {}
-        for family in self.metrics.registry.collect():
+        for family in self.replica.metrics.registry.collect():
             for sample in family.samples:
                 if sample.name == "atkd_teacher_requests_total":
                     key = f"{sample.labels['rpc']}/{sample.labels['code']}"
@@ -161,14 +136,12 @@ class TeacherReplica:
 
     async def __del__(self) -> None:
         """Serve stops a replica once its ongoing requests are done (or its graceful timeout ran out)."""
-        self.servicer.close()
-        await self.scheduler.stop()
+        self.replica.close()
+        await self.replica.stop()
 
     async def _authenticate(self, context: _ServeContext) -> None:
-        if self._token is None:
-            return
-        sent = dict(context.invocation_metadata()).get(AUTHORIZATION_KEY, "")
-        if not hmac.compare_digest(sent.encode(), bearer(self._token).encode()):
+        policy = self.replica.auth
+        if policy is not None and not policy.allows(context.invocation_metadata()):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED)
 
 
@@ -222,9 +195,14 @@ def run(config: TeacherConfig) -> None:
         # The gRPC proxy binds every interface whatever config.host says.
         log.info("atkd-teacher serving %s (V=%d, %s on %s): gRPC on %s:%d, HTTP on %s:%d", info.model_id,
                  info.vocab_size, info.dtype, info.device, "[::]", port, config.host, http_port)
+        if config.ready_file is not None:
+            write_ready(config.ready_file, Ready(pid=os.getpid(), host=config.host, grpc_port=port,
+                                                 http_port=http_port, model_id=info.model_id))
         _wait_for_signal()
+        remove_ready(config.ready_file)
         serve.shutdown()
     finally:
+        remove_ready(config.ready_file)
         ray.shutdown()
     log.info("atkd-teacher stopped")
 

@@ -1,4 +1,4 @@
-"""One teacher replica: HTTP side, engine, scheduler and gRPC server in one process and one asyncio loop.
+"""The plain entry point of a :class:`~.replica.Replica`: HTTP side and gRPC server in one process and one asyncio loop.
 
 Start-up: the HTTP side opens first (``/healthz`` alive, ``/readyz`` 503 "loading model"), the model
 loads on a worker thread, then the gRPC server opens with the Teacher service, the standard health
@@ -17,9 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Callable
-from functools import partial
 
 import grpc
 import torch
@@ -30,16 +30,14 @@ from grpc_reflection.v1alpha import reflection
 
 from atkd.proto import teacher_pb2 as pb
 from atkd.proto import teacher_pb2_grpc as pb_grpc
-from atkd.proto.codec import CODECS
 
-from .auth import BearerTokenInterceptor, load_token
+from .auth import BearerTokenInterceptor
 from .config import TeacherConfig
 from .engine import TeacherEngine
 from .http import create_app
 from .metrics import TeacherMetrics
-from .request import Limits
-from .scheduler import Scheduler
-from .servicer import TeacherServicer
+from .ready import Ready, remove_ready, write_ready
+from .replica import Replica
 
 log = logging.getLogger(__name__)
 
@@ -65,20 +63,16 @@ class _EmbeddedUvicorn(uvicorn.Server):
 
 
 class TeacherServer:
-    """A replica. ``load_engine`` builds the engine (default: :meth:`TeacherEngine.load` from the config)."""
+    """The plain gRPC + HTTP entry point of a :class:`Replica`. ``load_engine`` replaces the engine
+    loading of :meth:`Replica.load` (tests inject engines)."""
 
     def __init__(self, config: TeacherConfig, load_engine: Callable[[], TeacherEngine] | None = None):
         self.config = config
         self.metrics = TeacherMetrics()
-        self._load_engine = load_engine or partial(
-            TeacherEngine.load, config.model, dtype=config.dtype, device=config.device, model_id=config.model_id,
-            revision=config.revision, max_seq_len=config.max_seq_len, chunk_size=config.chunk_size)
+        self._load_engine = load_engine
         self._phase = "loading model"
-        self.engine: TeacherEngine | None = None
-        self.info: pb.InfoResponse | None = None
-        self.scheduler: Scheduler | None = None
+        self.replica: Replica | None = None
         self._grpc: grpc.aio.Server | None = None
-        self._servicer: TeacherServicer | None = None
         self._health = health.aio.HealthServicer()
         self._http: _EmbeddedUvicorn | None = None
         self._http_task: asyncio.Task | None = None
@@ -86,32 +80,35 @@ class TeacherServer:
         self.grpc_port: int | None = None
         self.http_port: int | None = None
 
+    @property
+    def info(self) -> pb.InfoResponse | None:
+        return self.replica.info if self.replica else None
+
     def readiness(self) -> tuple[bool, str]:
         """(ready, reason): serving, and the queue has room for a full batch."""
         if self._phase != "serving":
             return False, self._phase
-        if self.scheduler.saturated:
+        if self.replica.scheduler.saturated:
             return False, "queue saturated"
         return True, "serving"
 
     async def start(self) -> None:
         """Open the HTTP side, load the model, open the gRPC side; returns when the replica serves."""
         await self._start_http()
-        self.engine = await asyncio.to_thread(self._load_engine)
+        replica = await Replica.load(self.config, self.metrics, self._load_engine)
         if self._phase != "loading model":  # stopped while loading
             return
-        self.info = make_info(self.config, self.engine)
-        self.scheduler = Scheduler(
-            self.engine.score, self.metrics, max_batch_tokens=self.config.max_batch_tokens,
-            max_wait_s=self.config.max_wait_ms / 1000, max_queue_tokens=self.config.queue_tokens,
-            max_inflight_per_client=self.config.max_inflight_per_client,
-        )  # fmt: skip
-        self.scheduler.start()
+        self.replica = replica
+        replica.start()
         await self._start_grpc()
         self._phase = "serving"
-        log.info("atkd-teacher serving %s (V=%d, %s on %s): gRPC on %s:%d, HTTP on %s:%d", self.info.model_id,
-                 self.info.vocab_size, self.info.dtype, self.info.device, self.config.host, self.grpc_port,
+        info = replica.info
+        log.info("atkd-teacher serving %s (V=%d, %s on %s): gRPC on %s:%d, HTTP on %s:%d", info.model_id,
+                 info.vocab_size, info.dtype, info.device, self.config.host, self.grpc_port,
                  self.config.host, self.http_port)
+        if self.config.ready_file is not None:
+            write_ready(self.config.ready_file, Ready(pid=os.getpid(), host=self.config.host, grpc_port=self.grpc_port,
+                                                      http_port=self.http_port, model_id=info.model_id))
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful shutdown: refuse new work, finish what is in flight (up to ``grace`` s), then close."""
@@ -119,16 +116,16 @@ class TeacherServer:
             await self._stopped.wait()
             return
         self._phase = "shutting down"
+        remove_ready(self.config.ready_file)
         grace = self.config.grace_s if grace is None else grace
         await self._health.enter_graceful_shutdown()
         if self._grpc is not None:
-            self.scheduler.close()
-            self._servicer.close()
+            self.replica.close()
             # Refuses new calls at once; returns when the open ones are done (Score calls and streams
             # once answered), or cancels them after the grace period. One stop() call: two concurrent
             # ones crash grpcio 1.85 now and then.
             await self._grpc.stop(grace)
-            await self.scheduler.stop()
+            await self.replica.stop()
         if self._http is not None:
             self._http.should_exit = True
             await self._http_task
@@ -152,18 +149,16 @@ class TeacherServer:
             await asyncio.sleep(0.01)
 
     async def _start_grpc(self) -> None:
-        config = self.config
-        token = load_token(config.auth_token_file, config.auth_token_env)
+        config, replica = self.config, self.replica
         receive, send = message_limits(config)
         server = grpc.aio.server(
-            interceptors=[BearerTokenInterceptor(token)] if token else None,
+            interceptors=[BearerTokenInterceptor(replica.auth)] if replica.auth else None,
             options=[("grpc.max_receive_message_length", receive), ("grpc.max_send_message_length", send),
                      # accept the clients' keepalive pings (every 30 s by default) even while a batch computes
                      ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
                      ("grpc.keepalive_permit_without_calls", 1)],
         )
-        self._servicer = TeacherServicer(self.info, make_limits(config, self.engine), self.scheduler, self.metrics)
-        pb_grpc.add_TeacherServicer_to_server(self._servicer, server)
+        pb_grpc.add_TeacherServicer_to_server(replica.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         for service in ("", TEACHER_SERVICE):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -176,24 +171,6 @@ class TeacherServer:
             self.grpc_port = server.add_insecure_port(f"{host}:{config.port}")
         await server.start()
         self._grpc = server
-
-
-def make_limits(config: TeacherConfig, engine: TeacherEngine) -> Limits:
-    """What a replica accepts: the engine's vocabulary and context, the config's batch and signal limits."""
-    return Limits(vocab_size=engine.vocab_size, max_seq_len=engine.max_seq_len,
-                  max_batch_tokens=config.max_batch_tokens, max_top_k=config.top_k_max,
-                  max_tail_samples=config.max_tail_samples)
-
-
-def make_info(config: TeacherConfig, engine: TeacherEngine) -> pb.InfoResponse:
-    """The Info a replica publishes (plain server and Ray Serve replica alike)."""
-    return pb.InfoResponse(
-        model_id=engine.model_id, model_revision=engine.revision, vocab_size=engine.vocab_size,
-        tokenizer_hash=engine.tokenizer_hash, max_sequence_length=engine.max_seq_len,
-        max_batch_tokens=config.max_batch_tokens, max_top_k=config.top_k_max,
-        max_tail_samples=config.max_tail_samples, codecs=list(CODECS.values()),
-        dtype=str(engine.dtype).removeprefix("torch."), device=str(engine.device),
-    )  # fmt: skip
 
 
 def run(config: TeacherConfig) -> None:

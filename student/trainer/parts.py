@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from atkd.proto.device import resolve_device
 from atkd.proto.fingerprint import tokenizer_fingerprint, weights_digest
 from atkd.student.client import TeacherClient, TeacherMismatchError
 from atkd.student.data.examples import Examples, InstructionData, PackedText
@@ -17,13 +18,6 @@ from atkd.student.signal_cache import CachedTeacher, SignalCache
 from atkd.student.teachers import LocalTeacher, RemoteTeacher, TeacherSource
 
 from .config import DataConfig, TeacherSourceConfig
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto``: this rank's GPU if there is one, else the CPU."""
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def init_distributed() -> tuple[int, int, int]:

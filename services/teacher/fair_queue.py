@@ -1,0 +1,132 @@
+"""The fairness policy of a replica, as plain synchronous code: admission and deficit round-robin by tokens.
+
+Requests of every client wait in that client's FIFO queue. :meth:`FairQueue.take_batch` fills a batch
+by deficit round-robin over the clients with queued work: each visit adds ``quantum`` tokens to the
+client's deficit and takes requests from the head of its queue while they fit the deficit and the
+batch's remaining room; a client whose queue empties leaves the ring and loses its deficit, and nobody
+is credited once the batch is full. So every backlogged client gets the same share of tokens, and a
+light client (one request in flight) takes its turn in the rotation: next to one heavy client, its
+request goes into the batch after the one running when it arrived, however long the heavy client's
+backlog.
+
+Admission (:meth:`FairQueue.admit`): a client may have ``max_inflight_per_client`` requests queued or
+computing, and all clients together ``max_queue_tokens`` queued tokens; beyond that RESOURCE_EXHAUSTED.
+
+No clock, no event loop, no threads: the async driver (:mod:`.scheduler`) decides *when* a batch is
+due and calls this to decide *what* goes in it; the tests drive it directly.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from typing import Generic, Protocol, TypeVar
+
+from .errors import ResourceExhausted
+
+
+class Queued(Protocol):
+    """What the queue needs of a request: whose it is, its size in tokens, when it arrived."""
+
+    client: str
+    tokens: int
+    arrived: float
+
+
+Item = TypeVar("Item", bound=Queued)
+
+
+class FairQueue(Generic[Item]):
+    """Per-client FIFO queues served by deficit round-robin in tokens, with admission limits."""
+
+    def __init__(self, *, max_batch_tokens: int, max_queue_tokens: int, max_inflight_per_client: int):
+        self.max_batch_tokens = max_batch_tokens
+        self.max_queue_tokens = max_queue_tokens
+        self.max_inflight_per_client = max_inflight_per_client
+        self.quantum = max(1, max_batch_tokens // 8)
+        self._queues: dict[str, deque[Item]] = {}
+        self._ring: deque[str] = deque()  # clients with queued work, in visiting order
+        self._deficit: Counter[str] = Counter()
+        self._visiting = False  # whether ring[0] already got its quantum for the current visit
+        self._inflight: Counter[str] = Counter()
+        self.queued_tokens = 0
+        self.queued_requests = 0
+
+    # -- admission ------------------------------------------------------------------------------------
+    def admit(self, client: str, tokens: int) -> None:
+        """Raise RESOURCE_EXHAUSTED if ``client`` may not queue a request of ``tokens`` now."""
+        if self._inflight[client] >= self.max_inflight_per_client:
+            raise ResourceExhausted(f"client {client!r} already has {self._inflight[client]} requests in flight, the "
+                                    f"limit is {self.max_inflight_per_client}: wait for responses before sending more")
+        if self.queued_tokens + tokens > self.max_queue_tokens:
+            raise ResourceExhausted(f"the teacher's queue is full ({self.queued_tokens} tokens queued, limit "
+                                    f"{self.max_queue_tokens}): retry later or on another replica")
+
+    def push(self, item: Item) -> None:
+        """Queue an admitted ``item``; it counts as in flight for its client until :meth:`finished`."""
+        self._queues.setdefault(item.client, deque()).append(item)
+        if len(self._queues[item.client]) == 1:
+            self._ring.append(item.client)
+        self._inflight[item.client] += 1
+        self.queued_tokens += item.tokens
+        self.queued_requests += 1
+
+    def finished(self, item: Item) -> None:
+        """``item`` was answered, failed or cancelled: it no longer counts as in flight (and leaves its
+        queue if it was still waiting there)."""
+        if item in self._queues.get(item.client, ()):
+            self._queues[item.client].remove(item)
+            self._left_queue(item)
+        self._inflight[item.client] -= 1
+        if not self._inflight[item.client]:
+            del self._inflight[item.client]
+
+    # -- what to run ----------------------------------------------------------------------------------
+    @property
+    def saturated(self) -> bool:
+        """True when the queue has no room left for a request of ``max_batch_tokens``."""
+        return self.max_queue_tokens - self.queued_tokens < self.max_batch_tokens
+
+    @property
+    def oldest_arrival(self) -> float | None:
+        """Arrival time of the oldest queued request (None when nothing is queued)."""
+        return min((queue[0].arrived for queue in self._queues.values()), default=None)
+
+    def inflight(self, client: str) -> int:
+        return self._inflight[client]
+
+    def take_batch(self) -> list[Item]:
+        """Deficit round-robin over the ring until the batch has no room for the next request due.
+        The taken requests leave their queues but stay in flight until :meth:`finished`."""
+        batch: list[Item] = []
+        room = self.max_batch_tokens
+        while self._ring:
+            client = self._ring[0]
+            queue = self._queues[client]
+            tokens = queue[0].tokens
+            if tokens > room:
+                break  # full: the visit goes on in the next batch, and nobody is credited ahead of time
+            if not self._visiting:
+                self._deficit[client] += self.quantum
+                self._visiting = True
+            if tokens > self._deficit[client]:
+                self._ring.rotate(-1)
+                self._visiting = False
+                continue
+            item = queue.popleft()
+            self._deficit[client] -= tokens
+            room -= tokens
+            self._left_queue(item)
+            batch.append(item)
+        return batch
+
+    def _left_queue(self, item: Item) -> None:
+        """Bookkeeping of a request leaving its queue (the caller removed it from the deque)."""
+        self.queued_tokens -= item.tokens
+        self.queued_requests -= 1
+        client = item.client
+        if not self._queues[client]:
+            del self._queues[client]
+            if self._ring[0] == client:
+                self._visiting = False
+            self._ring.remove(client)
+            del self._deficit[client]

@@ -1,0 +1,84 @@
+"""services/teacher/fair_queue.py without an event loop: who goes into a batch, and who may queue."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from atkd.services.teacher.errors import ResourceExhausted
+from atkd.services.teacher.fair_queue import FairQueue
+
+
+@dataclass(eq=False)
+class Request:
+    client: str
+    tokens: int
+    arrived: float = 0.0
+    name: str = ""
+
+
+def queue(**overrides) -> FairQueue[Request]:
+    options = dict(max_batch_tokens=128, max_queue_tokens=1024, max_inflight_per_client=16)
+    return FairQueue(**{**options, **overrides})
+
+
+def names(batch: list[Request]) -> list[str]:
+    return [request.name for request in batch]
+
+
+def test_backlogged_clients_share_a_batch_by_tokens():
+    fair = queue()  # quantum 16 tokens
+    for i in range(8):
+        fair.push(Request("heavy", 16, name=f"h{i}"))
+    for i in range(4):
+        fair.push(Request("light", 16, name=f"l{i}"))
+    batch = fair.take_batch()
+    assert names(batch) == ["h0", "l0", "h1", "l1", "h2", "l2", "h3", "l3"]
+    assert fair.queued_tokens == 4 * 16 and fair.queued_requests == 4
+
+
+def test_a_request_larger_than_the_room_left_waits_for_the_next_batch():
+    fair = queue(max_batch_tokens=100)
+    fair.push(Request("a", 60, name="a0"))
+    fair.push(Request("b", 60, name="b0"))
+    assert names(fair.take_batch()) == ["a0"]
+    assert names(fair.take_batch()) == ["b0"]
+    assert fair.take_batch() == []
+
+
+def test_admission_limits_per_client_and_in_total():
+    fair = queue(max_inflight_per_client=2, max_queue_tokens=150, max_batch_tokens=100)
+    first, second = Request("a", 50), Request("a", 50)
+    fair.push(first)
+    fair.push(second)
+    with pytest.raises(ResourceExhausted, match="client 'a' already has 2 requests in flight"):
+        fair.admit("a", 1)
+    with pytest.raises(ResourceExhausted, match=r"queue is full \(100 tokens queued, limit 150\)"):
+        fair.admit("b", 51)
+    fair.admit("b", 50)  # fits exactly
+    assert fair.saturated  # 50 tokens of room < one full batch of 100
+    taken = fair.take_batch()
+    assert taken == [first, second] and fair.inflight("a") == 2  # computing still counts as in flight
+    fair.finished(first)
+    assert fair.inflight("a") == 1
+    fair.admit("a", 1)
+
+
+def test_a_request_finished_while_queued_leaves_its_queue():
+    fair = queue()
+    cancelled, kept = Request("a", 10, name="cancelled"), Request("b", 10, name="kept")
+    fair.push(cancelled)
+    fair.push(kept)
+    fair.finished(cancelled)
+    assert fair.queued_requests == 1 and fair.inflight("a") == 0
+    assert names(fair.take_batch()) == ["kept"]
+
+
+def test_oldest_arrival_is_the_head_that_waited_longest():
+    fair = queue()
+    assert fair.oldest_arrival is None
+    fair.push(Request("a", 1, arrived=5.0))
+    fair.push(Request("b", 1, arrived=3.0))
+    fair.push(Request("b", 1, arrived=1.0))  # behind b's head: not a head
+    assert fair.oldest_arrival == 3.0
