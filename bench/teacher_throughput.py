@@ -103,7 +103,7 @@ class Server:
 def in_process(engine: TeacherEngine, work: list[ScoreBatch]) -> dict:
     """The engine on one worker thread, as the server runs it (see the module docstring)."""
     limits = Limits(VOCAB, SEQ, BATCH_TOKENS, 256, 0)
-    jobs = [parse_request(batch.to_request("0", top_k=TOP_K), limits) for batch in work]
+    jobs = [parse_request(batch.to_request("0", top_k=TOP_K), limits)[0] for batch in work]
 
     def run() -> float:
         engine.score(jobs[:1])  # warm-up

@@ -19,7 +19,7 @@ LIMITS = Limits(vocab_size=512, max_seq_len=128, max_batch_tokens=1024, max_top_
 def job(sequences, top_k=8, **fields):
     request = pb.ScoreRequest(token_ids=[t for s in sequences for t in s], lengths=[len(s) for s in sequences],
                               top_k=top_k, **fields)
-    return parse_request(request, LIMITS)
+    return parse_request(request, LIMITS)[0]
 
 
 def local_signal(model, sequence, k, **options):

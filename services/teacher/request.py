@@ -47,7 +47,6 @@ class ScoreJob:
     cols: torch.Tensor
     targets: torch.Tensor
     top_k: int
-    codec: str
     temperature: float
     tail_samples: int
     seed: int | None
@@ -61,8 +60,10 @@ class ScoreJob:
         return self.targets.numel()
 
 
-def parse_request(request: pb.ScoreRequest, limits: Limits) -> ScoreJob:
-    """Validate ``request`` against ``limits``; raises :class:`InvalidArgument` naming the bad field."""
+def parse_request(request: pb.ScoreRequest, limits: Limits) -> tuple[ScoreJob, str]:
+    """Validate ``request`` against ``limits``: (the job for the engine, the codec name of its response).
+    Raises :class:`InvalidArgument` naming the bad field. The codec is the servicer's business (it
+    encodes the response), so it travels beside the job, not through the scheduler and the engine."""
     lengths = tuple(request.lengths)
     ids = np.asarray(request.token_ids, dtype=np.int64)
     _check_lengths(lengths, ids.size, limits)
@@ -86,11 +87,12 @@ def parse_request(request: pb.ScoreRequest, limits: Limits) -> ScoreJob:
                               f"{limits.max_tail_samples}")
 
     rows, cols, flat = scored_positions(lengths, request.score_mask)
-    return ScoreJob(
+    job = ScoreJob(
         token_ids=torch.from_numpy(ids), lengths=lengths, rows=torch.from_numpy(rows), cols=torch.from_numpy(cols),
-        targets=torch.from_numpy(ids[flat + 1]), top_k=request.top_k, codec=codec, temperature=temperature,
+        targets=torch.from_numpy(ids[flat + 1]), top_k=request.top_k, temperature=temperature,
         tail_samples=request.tail_samples, seed=request.seed if request.HasField("seed") else None,
     )  # fmt: skip
+    return job, codec
 
 
 def _check_lengths(lengths: tuple[int, ...], total: int, limits: Limits) -> None:

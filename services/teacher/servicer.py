@@ -107,19 +107,19 @@ class TeacherServicer(pb_grpc.TeacherServicer):
 
     async def _score(self, request: pb.ScoreRequest, client: str, rpc: str) -> pb.ScoreResponse:
         try:
-            job = parse_request(request, self._limits)
+            job, codec = parse_request(request, self._limits)
             scored = await self._scheduler.submit(client, job, request.timeout_ms / 1000 or None)
         except ServiceError as error:
             self._count(rpc, error.code)
             raise
         response = pb.ScoreResponse(
             id=request.id,
-            signal=encode_signal(scored.signal, job.codec, self._limits.vocab_size),
+            signal=encode_signal(scored.signal, codec, self._limits.vocab_size),
             timing=pb.Timing(queue_ms=scored.queue_s * 1e3, compute_ms=scored.compute_s * 1e3,
                              batch_tokens=scored.batch_tokens),
         )  # fmt: skip
         self._count(rpc, grpc.StatusCode.OK)
-        self._metrics.response_bytes.labels(job.codec).inc(response.ByteSize())
+        self._metrics.response_bytes.labels(codec).inc(response.ByteSize())
         return response
 
     def _count(self, rpc: str, code: grpc.StatusCode) -> None:
