@@ -1,33 +1,37 @@
-# `make demo` and `make test` work as the first command on a fresh machine: each creates .venv and
-# installs the project into it when missing (or when pyproject.toml changed).
+# `make demo` and `make test` work as the first command on a fresh machine: each creates .venv and installs
+# what it needs into it when missing (or when pyproject.toml changed): the demo the runtime dependencies only,
+# the tests the `dev` extra too (Ray Serve, pytest, ruff, grpcio-tools).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-fast lint bench install
 
-$(STAMP): pyproject.toml
+$(VENV)/.installed-run: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed-run
 	$(PY) -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	touch $@
 
-install: $(STAMP)
+install: $(VENV)/.installed-dev
 
-demo: $(STAMP)
+demo: $(VENV)/.installed-run
 	$(PY) -m atkd.student.demo
 
-test: $(STAMP)
+test: $(VENV)/.installed-dev
 	$(PY) -m pytest
 
-test-fast: $(STAMP)
+test-fast: $(VENV)/.installed-dev
 	$(PY) -m pytest -m 'not slow'
 
-lint: $(STAMP)
+lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check .
 
-bench: $(STAMP)
+bench: $(VENV)/.installed-dev
 	$(PY) -m bench.loss_speed
 	$(PY) -m bench.signal_fidelity
 	$(PY) -m bench.sparse_e2e
