@@ -51,6 +51,7 @@ def pretrain(
     optimizer, schedule = make_optimizer(model, optim, steps)
     model.train()
     records: list[dict] = []
+    losses: list[torch.Tensor] = []  # on the device until the end
     tokens, start = 0, time.perf_counter()
     bar = tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True)
     for step in bar:
@@ -66,13 +67,13 @@ def pretrain(
         optimizer.step()
         schedule.step()
         tokens += batch.input_ids.numel()
-        records.append({"step": step, "loss": loss.detach(), "lr": schedule.get_last_lr()[0], "teacher_s": teacher_s,
+        losses.append(loss.detach())
+        records.append({"step": step, "lr": schedule.get_last_lr()[0], "teacher_s": teacher_s,
                         "step_s": time.perf_counter() - step_start})
         if step % log_every == 0 or step == steps - 1:
             bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}",
                             teacher_s=f"{teacher_s:.3f}")
     model.eval()
-    if records:
-        for record, value in zip(records, torch.stack([r["loss"] for r in records]).tolist(), strict=True):
-            record["loss"] = value
+    for record, value in zip(records, torch.stack(losses).tolist() if losses else [], strict=True):
+        record["loss"] = value
     return records
