@@ -59,8 +59,8 @@ def evaluate_lm(model: PreTrainedModel, batches: Iterable[LMBatch]) -> LMEval:
             correct += (logits.argmax(-1).eq(targets) & valid).sum()
             count += valid.sum()
     model.train(was_training)
-    total_ce, correct, count = total_ce.item(), correct.item(), count.item()
-    return LMEval(perplexity=math.exp(total_ce / count), accuracy=correct / count, tokens=count)
+    total_ce, correct, count = torch.stack([total_ce, correct.double(), count.double()]).tolist()
+    return LMEval(perplexity=math.exp(total_ce / count), accuracy=correct / count, tokens=int(count))
 
 
 def evaluate_examples(model: PreTrainedModel, examples: Examples, batch_size: int,
