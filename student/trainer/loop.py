@@ -8,8 +8,8 @@ Each optimizer step, in order:
    backward (under DDP the gradients are all-reduced on the last micro-batch only);
 2. clip the global gradient norm; AdamW step; LR schedule step (warmup, then cosine);
 3. every ``log_every`` steps, a record of the steps since the last one (JSONL, progress bar, TensorBoard
-   if installed; :mod:`atkd.student.trainer.metrics`): the loss and its stats are summed on the device
-   and read with one host sync per record, never per step; evaluate and checkpoint on schedule.
+   if installed; :mod:`atkd.student.trainer.metrics`): the loss, its stats and the gradient norm are
+   summed on the device and copied to the host once per record; evaluate and checkpoint on schedule.
 
 The ATKD split is taken per micro-batch and per rank, as in the paper. Data parallelism: under
 ``torchrun`` every rank trains on its own slice of each global batch and has its own teacher stream;
