@@ -28,11 +28,16 @@ def plain_forward_kl(student, teacher, targets):
     return (log_p.exp() * (log_p - log_q)).sum(-1)[valid].mean()
 
 
+def chunked(loss_fn, **options):
+    """The ``.loss`` of a loss of :mod:`atkd.student.losses` (a tensor, like the plain variant's)."""
+    return lambda s, t, y: loss_fn(s, t, y, **options).loss
+
+
 VARIANTS = {
-    "forward_kl (chunked)": lambda s, t, y: forward_kl(s, t, y),
-    "atkd median (chunked)": lambda s, t, y: atkd_loss(s, t, y),
-    "atkd topk (chunked)": lambda s, t, y: atkd_loss(s, t, y, split="topk"),
-    "atkd reverse (chunked)": lambda s, t, y: atkd_loss(s, t, y, base="reverse"),
+    "forward_kl (chunked)": chunked(forward_kl),
+    "atkd median (chunked)": chunked(atkd_loss),
+    "atkd topk (chunked)": chunked(atkd_loss, split="topk"),
+    "atkd reverse (chunked)": chunked(atkd_loss, base="reverse"),
     "forward_kl (plain autograd)": plain_forward_kl,
 }
 

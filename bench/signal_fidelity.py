@@ -20,18 +20,19 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from atkd.proto.signal import compress
-from atkd.student.assets import prepare_demo_assets
 from atkd.student.data.lm import heldout_batches, random_batches
-from atkd.student.losses import atkd_loss, cross_entropy
+from atkd.student.demo.assets import prepare_demo_assets
+from atkd.student.losses import atkd_loss
 from atkd.student.models import load_model
-from atkd.student.train_loop import OptimConfig, train
+from atkd.student.optim import OptimConfig
+from atkd.student.pretrain import pretrain
 
 KS = (8, 16, 32, 64, 128, 256)
 
 
 def loss_and_grad(student_logits, teacher, targets):
     logits = student_logits.detach().clone().requires_grad_()
-    loss = atkd_loss(logits, teacher, targets)
+    loss = atkd_loss(logits, teacher, targets).loss
     loss.backward()
     return loss.item(), logits.grad.flatten()
 
@@ -52,8 +53,8 @@ def main() -> None:
     assets = prepare_demo_assets()
     teacher = load_model(assets.teacher_dir)
     student = load_model(assets.student_init_dir)
-    train(student, random_batches(assets.train_ids, 16, 128, seed=1), cross_entropy,
-          OptimConfig(steps=args.warmup_steps), desc="student SFT warm-up")
+    pretrain(student, random_batches(assets.train_ids, 16, 128, seed=1), args.warmup_steps, OptimConfig(lr=3e-3),
+             desc="student SFT warm-up")
     batches = heldout_batches(assets.heldout_ids, 8, 128, max_batches=args.batches)
     generator = torch.Generator().manual_seed(0)
 

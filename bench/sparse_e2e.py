@@ -17,12 +17,14 @@ import time
 
 from transformers.utils import logging as hf_logging
 
-from atkd.student.assets import prepare_demo_assets
 from atkd.student.data.lm import heldout_batches, random_batches
+from atkd.student.demo.assets import prepare_demo_assets
+from atkd.student.evaluation import evaluate_lm
 from atkd.student.losses import get_loss
-from atkd.student.models import evaluate_lm, load_model
+from atkd.student.models import load_model
+from atkd.student.optim import OptimConfig
+from atkd.student.pretrain import pretrain
 from atkd.student.teachers import LocalTeacher
-from atkd.student.train_loop import OptimConfig, train
 
 
 def main() -> None:
@@ -46,8 +48,8 @@ def main() -> None:
             student = copy.deepcopy(init)
             start = time.perf_counter()
             batches = random_batches(assets.train_ids, args.batch_size, args.seq_len, seed=seed)
-            train(student, batches, loss_fn, OptimConfig(steps=args.steps), teacher=teacher_source(teacher, spec, seed),
-                  desc=f"{spec} seed {seed}")
+            pretrain(student, batches, args.steps, OptimConfig(lr=3e-3), loss_fn=loss_fn,
+                     teacher=teacher_source(teacher, spec, seed), desc=f"{spec} seed {seed}")
             results[spec, seed] = (evaluate_lm(student, heldout), time.perf_counter() - start)
 
     print(f"ATKD, {args.steps} steps of {args.batch_size} x {args.seq_len} tokens, "

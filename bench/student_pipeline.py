@@ -35,8 +35,8 @@ from atkd.student.client import TeacherClient
 from atkd.student.data.corpus import EXCERPT_PATH
 from atkd.student.data.examples import PackedText
 from atkd.student.data.tokenizer import train_tokenizer
+from atkd.student.demo.teacher_process import teacher_server
 from atkd.student.models import build_model
-from atkd.student.teacher_process import teacher_server
 from atkd.student.trainer.cli import export_cache
 from atkd.student.trainer.config import load_config
 from atkd.student.trainer.loop import METRICS_FILE, train

@@ -48,8 +48,8 @@ from atkd.proto.signal import compress
 from atkd.services.teacher.engine import TeacherEngine
 from atkd.services.teacher.request import Limits, parse_request
 from atkd.student.client import ScoreBatch, TeacherClient
+from atkd.student.demo.teacher_process import teacher_process
 from atkd.student.losses import atkd_loss
-from atkd.student.teacher_process import teacher_process
 
 VOCAB, BATCH, SEQ, TOP_K = 8192, 8, 256, 64
 BATCH_TOKENS = BATCH * SEQ
@@ -211,7 +211,7 @@ def fidelity(rows: int = 256) -> list[tuple[str, int, float, float, float]]:
 
 def _loss_and_grad(student, signal, targets):
     x = student.clone().requires_grad_()
-    loss = atkd_loss(x, signal, targets)
+    loss = atkd_loss(x, signal, targets).loss
     loss.backward()
     return loss.item(), x.grad.flatten().double()
 

@@ -1,14 +1,77 @@
-"""Generation-based evaluation for instruction data: greedy decoding and ROUGE-L against references.
+"""Evaluation of a student: held-out perplexity and accuracy, and greedy generation scored by ROUGE-L.
 
-The instruction-following benchmarks of the KD papers (ATKD, MiniLLM, DistiLLM) score a student's
-greedy response to each prompt by its ROUGE-L F1 against the reference response, averaged and
-reported in percent.
+- Language modelling (:func:`evaluate_lm`, :func:`evaluate_examples`): over every target that is not
+  ignored, ``perplexity = exp(mean CE)`` and the next-token argmax ``accuracy``; what the training job
+  logs as ``eval`` and the demo prints.
+- Generation (:func:`greedy_generate`, :func:`rouge_l`, :func:`evaluate_generation`): the
+  instruction-following benchmarks of the KD papers (ATKD, MiniLLM, DistiLLM) score a student's greedy
+  response to each prompt by its ROUGE-L F1 against the reference response, averaged and reported in
+  percent.
+- :func:`evaluation_report`: both, as ``atkd-student eval`` prints them (generation for instruction
+  data only).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from atkd.proto.alignment import IGNORE_INDEX
+from atkd.student.data.examples import Examples, InstructionData
+from atkd.student.data.lm import LMBatch
+
+
+@dataclass
+class LMEval:
+    """Held-out language-modelling quality: ``perplexity = exp(mean CE)`` and next-token argmax
+    ``accuracy``, both over the ``tokens`` valid targets."""
+
+    perplexity: float
+    accuracy: float
+    tokens: int
+
+
+def evaluate_lm(model: PreTrainedModel, batches: Iterable[LMBatch]) -> LMEval:
+    """Token-mean cross entropy and argmax accuracy over all targets that are not ``-100``.
+
+    The sums stay on the model's device and are read once at the end. The model is put in eval mode and
+    restored after.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total_ce = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    count = torch.zeros((), dtype=torch.int64, device=device)
+    with torch.inference_mode():
+        for batch in batches:
+            input_ids, targets = batch.input_ids.to(device), batch.targets.to(device)
+            logits = model(input_ids).logits.float()
+            total_ce += F.cross_entropy(
+                logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+            ).double()
+            valid = targets != IGNORE_INDEX
+            correct += (logits.argmax(-1).eq(targets) & valid).sum()
+            count += valid.sum()
+    model.train(was_training)
+    total_ce, correct, count = torch.stack([total_ce, correct.double(), count.double()]).tolist()
+    return LMEval(perplexity=math.exp(total_ce / count), accuracy=correct / count, tokens=int(count))
+
+
+def evaluate_examples(model: PreTrainedModel, examples: Examples, batch_size: int,
+                      max_batches: int | None = None) -> LMEval:
+    """:func:`evaluate_lm` over ``examples`` in order, ``batch_size`` per batch, the first ``max_batches``
+    batches only (all when None)."""
+    count = len(examples)
+    if max_batches is not None:
+        count = min(count, max_batches * batch_size)
+    batches = (examples.batch(range(start, min(start + batch_size, count))) for start in range(0, count, batch_size))
+    return evaluate_lm(model, batches)
 
 
 def greedy_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
@@ -83,3 +146,19 @@ def evaluate_generation(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
         "examples": len(scores),
         "generations": generations,
     }
+
+
+def evaluation_report(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: Examples, *,
+                      batch_size: int, max_batches: int | None = None, max_new_tokens: int = 64,
+                      max_generations: int = 200) -> dict:
+    """``{"perplexity", "accuracy", "tokens"}`` of :func:`evaluate_examples`; for :class:`InstructionData`
+    also ``"rouge_l"`` and ``"generated"`` (the number of prompts) of :func:`evaluate_generation` on its
+    first ``max_generations`` prompts."""
+    report = asdict(evaluate_examples(model, examples, batch_size, max_batches))
+    if isinstance(examples, InstructionData):
+        count = min(max_generations, len(examples.prompts))
+        generated = evaluate_generation(model, tokenizer, examples.prompts[:count], examples.responses[:count],
+                                        max_new_tokens=max_new_tokens, batch_size=batch_size)
+        report["rouge_l"] = generated["rouge_l"]
+        report["generated"] = generated["examples"]
+    return report

@@ -1,18 +1,15 @@
-"""Tiny causal LMs of the paper's families, built from configs, plus plain pre-training and evaluation.
+"""Tiny causal LMs of the paper's families, built from configs, saved to and loaded from local directories.
 
 Families: GPT-2, OPT, GPT-NeoX (Pythia) and Llama. Models are built with
-``AutoModelForCausalLM.from_config`` and saved to / loaded from local directories only.
+``AutoModelForCausalLM.from_config`` and saved to / loaded from local directories only (no hub).
+Pre-training is :func:`atkd.student.pretrain.pretrain`, evaluation :mod:`atkd.student.evaluation`.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -23,10 +20,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from atkd.student.data.lm import IGNORE_INDEX, LMBatch
 from atkd.student.data.tokenizer import EOS_ID, PAD_ID
-from atkd.student.losses import cross_entropy
-from atkd.student.train_loop import OptimConfig, train
 
 FAMILIES = ("gpt2", "opt", "gpt_neox", "llama")
 
@@ -103,49 +97,3 @@ def load_model(directory: Path, dtype: torch.dtype | None = None, device: str = 
         raise FileNotFoundError(f"no saved model in {directory} (config.json missing)")
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True)
     return model.to(device).eval()
-
-
-def pretrain(
-    model: PreTrainedModel,
-    batches: Iterator[LMBatch],
-    steps: int,
-    lr: float = 2e-3,
-    warmup: int = 20,
-    progress: bool = True,
-) -> list[float]:
-    """Causal-LM training with cross entropy for ``steps`` batches (the loop of
-    :func:`atkd.student.train_loop.train`: AdamW, clipping, warmup then cosine decay to ``lr / 10``);
-    returns the loss of every step."""
-    records = train(model, batches, cross_entropy, OptimConfig(steps=steps, lr=lr, warmup=warmup),
-                    desc="pretrain", progress=progress)
-    return [record["loss"] for record in records]
-
-
-@dataclass
-class LMEval:
-    """Held-out language-modelling quality: ``perplexity = exp(mean CE)`` and next-token argmax
-    ``accuracy``, both over the ``tokens`` valid targets."""
-
-    perplexity: float
-    accuracy: float
-    tokens: int
-
-
-def evaluate_lm(model: PreTrainedModel, batches: Iterable[LMBatch]) -> LMEval:
-    """Token-mean cross entropy and argmax accuracy over all targets that are not ``-100``."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total_ce, correct, count = 0.0, 0, 0
-    with torch.inference_mode():
-        for batch in batches:
-            input_ids, targets = batch.input_ids.to(device), batch.targets.to(device)
-            logits = model(input_ids).logits.float()
-            total_ce += F.cross_entropy(
-                logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-            ).item()
-            valid = targets != IGNORE_INDEX
-            correct += (logits.argmax(-1).eq(targets) & valid).sum().item()
-            count += valid.sum().item()
-    model.train(was_training)
-    return LMEval(perplexity=math.exp(total_ce / count), accuracy=correct / count, tokens=count)

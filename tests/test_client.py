@@ -83,8 +83,8 @@ def test_signal_lines_up_with_student_logits_and_feeds_the_loss(serve_teacher, t
     with torch.inference_mode():
         local = compress(teacher(input_ids).logits, targets, 32)  # right padding cannot change earlier positions
     student = torch.randn(3, 20, 512, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(atkd_loss(student, signal, targets), atkd_loss(student, local, targets), rtol=1e-3,
-                               atol=0)
+    torch.testing.assert_close(atkd_loss(student, signal, targets).loss, atkd_loss(student, local, targets).loss,
+                               rtol=1e-3, atol=0)
 
 
 def test_stream_keeps_n_batches_in_flight_and_yields_them_in_order(serve_teacher, tiny_teacher_engine):
@@ -116,6 +116,25 @@ def test_stream_raises_the_status_of_a_failed_request(serve_teacher):
             next(stream)
     assert failure.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "token_ids[0] = 600 is outside the vocabulary" in failure.value.message
+
+
+def test_score_batch_packs_and_unpacks_the_scored_positions_of_the_contract():
+    """Which positions are scored and their targets come from atkd.proto.alignment.scored_positions, as on the
+    server: not the last of a sequence, not padding, and flagged by the score mask."""
+    mask = torch.tensor([[False, True, True, True], [True, True, True, True]])
+    batch = ScoreBatch.of([[5, 6, 7, 8], [9, 10]], score_mask=mask)
+    assert batch.scored.tolist() == [[False, True, True, False], [True, False, False, False]]
+    assert next_token_targets(batch).tolist() == [[-100, 7, 8, -100], [10, -100, -100, -100]]
+    request = batch.to_request("7", top_k=2)
+    assert list(request.token_ids) == [5, 6, 7, 8, 9, 10] and list(request.lengths) == [4, 2]
+    assert list(request.score_mask) == [False, True, True, True, True, True]
+    flat = compress(torch.randn(3, 12, generator=torch.Generator().manual_seed(0)), torch.tensor([7, 8, 10]), k=2)
+    dense = batch.unpack(flat)
+    assert dense.positions_shape == (2, 4)
+    torch.testing.assert_close(dense.target_logprob[batch.scored], flat.target_logprob)
+    assert (dense.target_logprob[~batch.scored] == 0).all()
+    with pytest.raises(TeacherError, match="scored 2 positions, expected 3"):
+        batch.unpack(flat.select(torch.tensor([0, 1])))
 
 
 def test_batches_are_validated_on_the_client():

@@ -146,7 +146,7 @@ def test_atkd_loss_and_gradient_from_decoded_signal(codec, max_loss_error, min_c
 
     def loss_and_grad(teacher):
         x = student.clone().requires_grad_()
-        loss = atkd_loss(x, teacher, targets)
+        loss = atkd_loss(x, teacher, targets).loss
         loss.backward()
         return loss.item(), x.grad.flatten().double()
 

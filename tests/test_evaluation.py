@@ -1,11 +1,30 @@
-"""Generation evaluation: ROUGE-L on hand-worked examples, greedy decoding, and the evaluation summary."""
+"""Evaluation: held-out perplexity and accuracy, ROUGE-L on hand-worked examples, greedy decoding, and the
+reports of ``atkd-student eval``."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
+import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from atkd.student.evaluation import evaluate_generation, greedy_generate, rouge_l
+from atkd.student.data.examples import InstructionData, PackedText
+from atkd.student.data.instructions import dialogue_pairs
+from atkd.student.data.lm import LMBatch
+from atkd.student.evaluation import (
+    evaluate_examples,
+    evaluate_generation,
+    evaluate_lm,
+    evaluation_report,
+    greedy_generate,
+    rouge_l,
+)
+from atkd.student.models import build_model
+
+VOCAB = 300
+TINY = dict(hidden=32, layers=2, heads=2, max_len=64)
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +91,43 @@ def test_evaluate_generation_scores_in_percent(model, tiny_tokenizer, prompts):
     non_empty = sum(bool(text.split()) for text in result["generations"])
     assert own["rouge_l"] == pytest.approx(100.0 * non_empty / len(prompts))
     assert non_empty > 0
+
+
+def test_evaluate_lm_is_exp_of_the_token_mean_cross_entropy():
+    model = build_model("gpt2", VOCAB, TINY, seed=0)
+    gen = torch.Generator().manual_seed(1)
+    batches = [
+        LMBatch(torch.randint(0, VOCAB, (2, 8), generator=gen), torch.randint(0, VOCAB, (2, 8), generator=gen))
+        for _ in range(2)
+    ]
+    batches[1].targets[0, :5] = -100  # ignored positions count neither in the loss nor in the tokens
+    result = evaluate_lm(model, batches)
+
+    with torch.no_grad():
+        logits = torch.cat([model(b.input_ids).logits for b in batches]).flatten(0, 1)
+    targets = torch.cat([b.targets for b in batches]).flatten()
+    valid = targets != -100
+    expected_ce = F.cross_entropy(logits[valid], targets[valid])
+    assert result.tokens == 27
+    assert result.perplexity == pytest.approx(math.exp(expected_ce.item()), rel=1e-5)
+    assert result.accuracy == pytest.approx((logits[valid].argmax(-1) == targets[valid]).float().mean().item())
+
+
+def test_evaluate_examples_reads_the_first_batches_in_order(model, tiny_tokenizer):
+    examples = PackedText(torch.randint(0, len(tiny_tokenizer), (20 * 16 + 1,),
+                                        generator=torch.Generator().manual_seed(2)), seq_len=16)
+    result = evaluate_examples(model, examples, batch_size=3, max_batches=2)
+    assert result == evaluate_lm(model, [examples.batch(range(0, 3)), examples.batch(range(3, 6))])
+    assert result.tokens == 6 * 16
+    assert evaluate_examples(model, examples, batch_size=8).tokens == 20 * 16  # None: every example
+
+
+def test_evaluation_report_adds_rouge_l_for_instruction_data_only(model, tiny_tokenizer, excerpt_paragraphs):
+    records = dialogue_pairs("\n\n".join(excerpt_paragraphs), max_chars=80)[:6]
+    instructions = InstructionData(records, tiny_tokenizer, seq_len=32)
+    report = evaluation_report(model, tiny_tokenizer, instructions, batch_size=4, max_new_tokens=4, max_generations=5)
+    assert report.keys() == {"perplexity", "accuracy", "tokens", "rouge_l", "generated"}
+    assert report["generated"] == 5 and 0.0 <= report["rouge_l"] <= 100.0
+    assert report["tokens"] == evaluate_examples(model, instructions, batch_size=4).tokens
+    text = PackedText(instructions.input_ids.flatten(), seq_len=16)
+    assert evaluation_report(model, tiny_tokenizer, text, batch_size=4).keys() == {"perplexity", "accuracy", "tokens"}

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
+from atkd.proto.alignment import IGNORE_INDEX
 from atkd.student.data.examples import BatchOrder, InstructionData, PackedText
 from atkd.student.data.instructions import dialogue_pairs
-from atkd.student.data.lm import IGNORE_INDEX
 
 
 def test_packed_windows_tile_the_stream_and_shift_by_one():

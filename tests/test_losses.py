@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from atkd.proto.signal import compress
-from atkd.student.losses import LOSSES, ForwardKL, ReverseKL, atkd_loss, forward_kl, split_hard
+from atkd.student.losses import LOSSES, ForwardKL, LossResult, ReverseKL, atkd_loss, forward_kl, split_hard
 from atkd.student.losses.atkd import target_and_diversity
 from atkd.student.losses.buckets import dense_buckets
 from tests.reference_losses import reference_atkd, reference_divergence, tkd_dkd
@@ -68,8 +68,8 @@ def test_dkd_stays_accurate_for_a_confident_teacher_in_fp32():
 @pytest.mark.parametrize("lam", [0.0, 0.2, 0.7])
 def test_atkd_without_split_and_with_coupled_dkd_is_scaled_forward_kl(lam):
     student, teacher, targets = make_batch()
-    atkd = atkd_loss(student, teacher, targets, lam=lam, split="none", decouple=False)
-    assert float(atkd) == pytest.approx((1 - lam) * float(forward_kl(student, teacher, targets)), abs=1e-12)
+    atkd = atkd_loss(student, teacher, targets, lam=lam, split="none", decouple=False).loss
+    assert float(atkd) == pytest.approx((1 - lam) * float(forward_kl(student, teacher, targets).loss), abs=1e-12)
 
 
 # 3. Padding invariance ----------------------------------------------------------------------------
@@ -85,8 +85,8 @@ def test_appending_ignored_positions_changes_neither_loss_nor_gradient(loss_name
     fn = LOSSES[loss_name]
     a = student.clone().requires_grad_()
     b = padded_student.clone().requires_grad_()
-    loss_a = fn(a, teacher, targets)
-    loss_b = fn(b, padded_teacher, padded_targets)
+    loss_a = fn(a, teacher, targets).loss
+    loss_b = fn(b, padded_teacher, padded_targets).loss
     loss_a.backward()
     loss_b.backward()
     assert loss_a.item() == pytest.approx(loss_b.item(), abs=1e-12)
@@ -102,7 +102,7 @@ def test_atkd_gradcheck(base, split):
     student, teacher, targets = make_batch(b=2, t=4, v=5, prompt=1, pad=1)
     student.requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda s: atkd_loss(s, teacher, targets, split=split, base=base, chunk_size=2), (student,))
+        lambda s: atkd_loss(s, teacher, targets, split=split, base=base, chunk_size=2).loss, (student,))
 
 
 @pytest.mark.parametrize("loss_name", ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "dkd", "sft"])
@@ -111,8 +111,8 @@ def test_baseline_gradcheck_on_dense_and_on_signal(loss_name):
     student.requires_grad_()
     signal = compress(teacher, targets, k=3)
     fn = LOSSES[loss_name]
-    assert torch.autograd.gradcheck(lambda s: fn(s, teacher, targets, chunk_size=3), (student,))
-    assert torch.autograd.gradcheck(lambda s: fn(s, signal, targets, chunk_size=3), (student,))
+    assert torch.autograd.gradcheck(lambda s: fn(s, teacher, targets, chunk_size=3).loss, (student,))
+    assert torch.autograd.gradcheck(lambda s: fn(s, signal, targets, chunk_size=3).loss, (student,))
 
 
 # 5. Group sizes ----------------------------------------------------------------------------------
@@ -136,10 +136,56 @@ def test_median_rule_sends_ties_to_hard_and_topk_takes_the_largest():
 def test_atkd_reports_group_sizes_and_means():
     student, teacher, targets = make_batch()
     n_valid = int((targets != -100).sum())
-    _, diag = atkd_loss(student, teacher, targets, return_diagnostics=True)
+    diag = atkd_loss(student, teacher, targets).stats
     assert diag["n_easy"] + diag["n_hard"] == n_valid
     assert diag["n_hard"] >= diag["n_easy"]
     assert 0.0 < diag["mean_uncertainty"] < 1.0
+
+
+@pytest.mark.parametrize("loss_name", ["atkd", *BASELINES])
+def test_every_loss_returns_a_loss_result_with_detached_0_dim_stats(loss_name):
+    student, teacher, targets = make_batch()
+    result = LOSSES[loss_name](student.clone().requires_grad_(), teacher, targets)
+    assert isinstance(result, LossResult) and result.loss.dim() == 0 and result.loss.requires_grad
+    assert all(value.dim() == 0 and not value.requires_grad for value in result.stats.values())
+    expected = {"mean_uncertainty", "n_easy", "n_hard", "tkd_hard", "dkd_easy", "dkd_hard", "loss_easy", "loss_hard"}
+    assert result.stats.keys() == (expected if loss_name == "atkd" else set())
+
+
+@pytest.mark.parametrize("teacher_kind", ["dense", "signal"])
+def test_atkd_stats_are_the_group_means_of_tkd_and_dkd_whatever_the_chunking(teacher_kind):
+    student, teacher, targets = make_batch(seed=2, b=4, t=9, v=17)
+    valid = targets != -100
+    s, t, y = student[valid], teacher[valid], targets[valid]
+    p_dist, q_dist = dense_buckets(t, y).normalise(), dense_buckets(s, y).normalise()
+    tkd, dkd = target_and_diversity(ForwardKL(), p_dist, q_dist)
+    hard = split_hard(p_dist.uncertainty, "median")
+    expected = {"mean_uncertainty": p_dist.uncertainty.mean(), "n_easy": (~hard).sum(), "n_hard": hard.sum(),
+                "tkd_hard": tkd[hard].mean(), "dkd_easy": dkd[~hard].mean(), "dkd_hard": dkd[hard].mean()}
+    expected["loss_easy"], expected["loss_hard"] = expected["dkd_easy"], expected["tkd_hard"] + expected["dkd_hard"]
+    teacher_input = teacher if teacher_kind == "dense" else compress(teacher, targets, k=17)
+    for chunk_size in (1, 5, None):
+        stats = atkd_loss(student, teacher_input, targets, chunk_size=chunk_size).stats
+        for name, value in expected.items():
+            torch.testing.assert_close(stats[name], value, rtol=1e-9, atol=1e-12, check_dtype=False, msg=name)
+        assert stats["n_hard"].dtype == torch.int64
+
+
+@pytest.mark.parametrize("split", ["median", "topk", "none"])
+@pytest.mark.parametrize("teacher_kind", ["dense", "signal"])
+def test_atkd_loss_never_copies_a_value_to_the_host(monkeypatch, split, teacher_kind):
+    """No ``.item()`` / ``float()`` / ``int()`` anywhere in the loss (on a GPU each is a sync per call)."""
+    student, teacher, targets = make_batch(seed=3)
+    teacher_input = teacher if teacher_kind == "dense" else compress(teacher, targets, k=5, tail_samples=2)
+
+    def refuse(*args):
+        raise AssertionError("the loss read a tensor value on the host")
+
+    for name in ("item", "tolist", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    result = atkd_loss(student.clone().requires_grad_(), teacher_input, targets, split=split, chunk_size=4)
+    monkeypatch.undo()
+    assert math.isfinite(result.loss.item()) and result.stats["n_hard"].item() > 0
 
 
 # 6. Parity with the slow reference -------------------------------------------------------------
@@ -153,7 +199,7 @@ def test_atkd_matches_reference(seed, split, base, teacher):
     teacher_input = teacher_logits if teacher == "dense" else compress(teacher_logits, targets, k=17)
     for lam, fraction in [(0.2, 0.5), (0.5, 0.3)]:
         got = atkd_loss(student, teacher_input, targets, lam=lam, split=split, hard_fraction=fraction,
-                        base=base, chunk_size=5)
+                        base=base, chunk_size=5).loss
         expected = reference_atkd(student, teacher_logits, targets, lam=lam, split=split,
                                   hard_fraction=fraction, base=base)
         assert float(got) == pytest.approx(expected, rel=1e-9, abs=1e-12)
@@ -162,7 +208,7 @@ def test_atkd_matches_reference(seed, split, base, teacher):
 @pytest.mark.parametrize("loss_name", BASELINES)
 def test_baselines_match_reference(loss_name):
     student, teacher, targets = make_batch(seed=3, b=4, t=9, v=17)
-    got = LOSSES[loss_name](student, teacher, targets, chunk_size=4)
+    got = LOSSES[loss_name](student, teacher, targets, chunk_size=4).loss
     assert float(got) == pytest.approx(reference_divergence(student, teacher, targets, loss_name), rel=1e-9)
 
 
@@ -174,8 +220,8 @@ def test_signal_with_k_equal_vocab_equals_dense_loss_and_gradient(loss_name):
     fn = LOSSES[loss_name]
     a = student.clone().requires_grad_()
     b = student.clone().requires_grad_()
-    fn(a, teacher, targets).backward()
-    fn(b, compress(teacher, targets, k=13), targets).backward()
+    fn(a, teacher, targets).loss.backward()
+    fn(b, compress(teacher, targets, k=13), targets).loss.backward()
     torch.testing.assert_close(b.grad, a.grad, rtol=1e-9, atol=1e-12)
 
 
@@ -217,10 +263,10 @@ def test_tail_samples_estimate_the_dense_loss_without_bias(loss_name):
     signal with the same k stays biased low (a flat teacher gives a heavy tail)."""
     student, teacher, targets = make_batch(seed=7, b=2, t=6, v=40, teacher_scale=1.0, prompt=0, pad=0)
     fn = LOSSES[loss_name]
-    dense = float(fn(student, teacher, targets))
-    bucketed = float(fn(student, compress(teacher, targets, k=4), targets))
+    dense = float(fn(student, teacher, targets).loss)
+    bucketed = float(fn(student, compress(teacher, targets, k=4), targets).loss)
     gen = torch.Generator().manual_seed(0)
-    draws = [float(fn(student, compress(teacher, targets, k=4, tail_samples=8, generator=gen), targets))
+    draws = [float(fn(student, compress(teacher, targets, k=4, tail_samples=8, generator=gen), targets).loss)
              for _ in range(300)]
     mean = sum(draws) / len(draws)
     stderr = (sum((d - mean) ** 2 for d in draws) / (len(draws) - 1) / len(draws)) ** 0.5
@@ -235,7 +281,7 @@ def test_chunk_size_does_not_change_loss_or_gradient():
     grads = []
     for chunk in (1, 7, None):
         s = student.clone().requires_grad_()
-        loss = atkd_loss(s, teacher, targets, chunk_size=chunk)
+        loss = atkd_loss(s, teacher, targets, chunk_size=chunk).loss
         loss.backward()
         grads.append((loss.item(), s.grad))
     for loss, grad in grads[1:]:
@@ -246,7 +292,7 @@ def test_chunk_size_does_not_change_loss_or_gradient():
 def test_fused_gradient_matches_plain_autograd_and_scales_with_the_upstream_gradient():
     student, teacher, targets = make_batch(seed=10)
     s1 = student.clone().requires_grad_()
-    (3.0 * forward_kl(s1, teacher, targets)).backward()
+    (3.0 * forward_kl(s1, teacher, targets).loss).backward()
     s2 = student.clone().requires_grad_()
     valid = targets != -100
     log_p, log_q = teacher.log_softmax(-1), s2.log_softmax(-1)
@@ -259,11 +305,11 @@ def test_fused_gradient_matches_plain_autograd_and_scales_with_the_upstream_grad
 def test_half_precision_logits_give_finite_fp32_losses_and_gradients(dtype, loss_name):
     student, teacher, targets = make_batch(seed=11, dtype=torch.float32, v=64, teacher_scale=8.0)
     s = student.to(dtype).requires_grad_()
-    loss = LOSSES[loss_name](s, teacher.to(dtype), targets)
+    loss = LOSSES[loss_name](s, teacher.to(dtype), targets).loss
     loss.backward()
     assert loss.dtype == torch.float32 and math.isfinite(loss.item())
     assert s.grad.dtype == dtype and torch.isfinite(s.grad.float()).all()
-    reference = LOSSES[loss_name](student.to(dtype).float(), teacher.to(dtype).float(), targets)
+    reference = LOSSES[loss_name](student.to(dtype).float(), teacher.to(dtype).float(), targets).loss
     assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
 
 
@@ -272,7 +318,7 @@ def test_a_batch_without_valid_tokens_gives_zero_with_a_graph(loss_name):
     student, teacher, _ = make_batch()
     targets = torch.full(student.shape[:-1], -100)
     s = student.clone().requires_grad_()
-    loss = LOSSES[loss_name](s, teacher, targets)
+    loss = LOSSES[loss_name](s, teacher, targets).loss
     assert loss.item() == 0.0 and loss.requires_grad
     loss.backward()
     assert torch.count_nonzero(s.grad) == 0
@@ -282,7 +328,7 @@ def test_empty_easy_group_is_not_nan():
     student, teacher, targets = make_batch()
     targets = torch.full_like(targets, -100)
     targets[0, 3] = 2  # a single token: the median rule makes it hard, the easy group is empty
-    loss = atkd_loss(student, teacher, targets)
+    loss = atkd_loss(student, teacher, targets).loss
     assert math.isfinite(float(loss)) and float(loss) > 0
 
 
@@ -291,7 +337,7 @@ def test_extreme_logit_gaps_stay_finite():
     teacher = teacher * 1e4
     student = (student * 1e4).requires_grad_()
     for name in ("atkd", "forward_kl", "reverse_kl", "jsd"):
-        loss = LOSSES[name](student, teacher, targets)
+        loss = LOSSES[name](student, teacher, targets).loss
         loss.backward()
         assert math.isfinite(loss.item()) and torch.isfinite(student.grad).all(), name
         student.grad = None
@@ -300,8 +346,8 @@ def test_extreme_logit_gaps_stay_finite():
 def test_no_grad_and_eval_inputs_work():
     student, teacher, targets = make_batch()
     with torch.no_grad():
-        a = atkd_loss(student.clone().requires_grad_(), teacher, targets)
-    b = atkd_loss(student, teacher, targets)
+        a = atkd_loss(student.clone().requires_grad_(), teacher, targets).loss
+    b = atkd_loss(student, teacher, targets).loss
     assert not a.requires_grad and float(a) == pytest.approx(float(b))
 
 

@@ -17,7 +17,7 @@ from atkd.proto import teacher_pb2_grpc as pb_grpc
 from atkd.proto.metadata import APPLICATION_KEY, CLIENT_ID_KEY
 from atkd.services.teacher.config import TeacherConfig
 from atkd.student.client import ScoreBatch, TeacherClient, TeacherError
-from atkd.student.teacher_process import teacher_process
+from atkd.student.demo.teacher_process import teacher_process
 from tests.teacher_harness import http_get, reference_signals
 from tests.test_teacher_server import SEQUENCES, TOLERANCE, assert_matches_reference, request
 

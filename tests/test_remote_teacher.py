@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM
 from atkd.services.teacher.ready import read_ready
 from atkd.student.client import TeacherClient
 from atkd.student.data.lm import LMBatch
+from atkd.student.demo.teacher_process import teacher_server
 from atkd.student.losses import atkd_loss
-from atkd.student.teacher_process import teacher_server
 from atkd.student.teachers import LocalTeacher, RemoteTeacher
 from tests.conftest import TINY_VOCAB
 from tests.teacher_harness import http_get, wait_until
@@ -41,8 +41,8 @@ def test_remote_signal_and_loss_match_the_in_process_teacher(serve_teacher, tiny
     torch.testing.assert_close(remote.topk_logprobs[valid], local.topk_logprobs[valid], rtol=1e-3, atol=2e-3)
     assert (remote.target_logprob[~valid] == 0).all()
     student_logits = torch.randn(*batch.targets.shape, TINY_VOCAB, generator=torch.Generator().manual_seed(1))
-    remote_loss = atkd_loss(student_logits, remote, batch.targets)
-    local_loss = atkd_loss(student_logits, local, batch.targets)
+    remote_loss = atkd_loss(student_logits, remote, batch.targets).loss
+    local_loss = atkd_loss(student_logits, local, batch.targets).loss
     assert remote_loss.item() == pytest.approx(local_loss.item(), rel=1e-3)
 
 

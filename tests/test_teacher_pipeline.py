@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from atkd.student.client import TeacherClient, TeacherError
-from atkd.student.client.teacher_client import channel_target
+from atkd.student.client.channel import channel_target
 from atkd.student.data.examples import PackedText
-from atkd.student.teacher_process import teacher_process, teacher_server
+from atkd.student.demo.teacher_process import teacher_process, teacher_server
 from atkd.student.teachers import Deferred, RemoteTeacher, TeacherSource, prefetched
 from tests.conftest import TINY_VOCAB
 

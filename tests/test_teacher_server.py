@@ -27,7 +27,7 @@ from atkd.proto.metadata import CLIENT_ID_KEY
 from atkd.services.teacher.cli import add_config_flags, parse_config
 from atkd.services.teacher.config import TeacherConfig
 from atkd.student.client import ScoreBatch, TeacherClient, TeacherError
-from atkd.student.teacher_process import teacher_process
+from atkd.student.demo.teacher_process import teacher_process
 from tests.teacher_harness import GatedEngine, ServerThread, http_get, reference_signals, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent

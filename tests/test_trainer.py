@@ -18,8 +18,7 @@ from atkd.student.data.instructions import dialogue_pairs, write_jsonl
 from atkd.student.data.tokenizer import train_tokenizer
 from atkd.student.losses import atkd_loss
 from atkd.student.models import load_model
-from atkd.student.signal_cache import CacheMismatchError, SignalCache
-from atkd.student.teachers import LocalTeacher
+from atkd.student.teachers import CacheMismatchError, LocalTeacher, SignalCache
 from atkd.student.trainer.cli import export_cache, run_eval
 from atkd.student.trainer.config import load_config
 from atkd.student.trainer.loop import train
@@ -64,7 +63,7 @@ def heldout_atkd(model_dir: Path, teacher_dir: Path, config) -> float:
     teacher = LocalTeacher(load_model(teacher_dir))
     with torch.no_grad():
         logits = load_model(model_dir)(batch.input_ids).logits
-        return atkd_loss(logits, teacher(batch), batch.targets).item()
+        return atkd_loss(logits, teacher(batch), batch.targets).loss.item()
 
 
 def test_student_distilled_through_the_server_lowers_its_loss(tmp_path, corpus, tiny_model_factory, tiny_model_dir,
@@ -105,10 +104,26 @@ def test_remote_local_and_cache_give_the_same_loss(tmp_path, corpus, tiny_model_
     losses = {}
     for name, config in {"remote": remote, "local": local, "cache": cached}.items():
         source = build_teacher(config.teacher, tokenizer, student, examples)
-        losses[name] = atkd_loss(logits, source(batch), batch.targets).item()
+        losses[name] = atkd_loss(logits, source(batch), batch.targets).loss.item()
         source.close()
     assert losses["cache"] == pytest.approx(losses["remote"], rel=1e-6)  # the same fp16 values, stored
     assert losses["remote"] == pytest.approx(losses["local"], rel=2e-3)  # fp16 codec vs fp32 in process
+
+
+def test_a_record_every_log_every_steps_describes_the_steps_since_the_last(tmp_path, corpus, tiny_model_factory,
+                                                                          tiny_model_dir):
+    teacher = {"mode": "local", "model": str(tiny_model_dir), "top_k": 16, "tail_samples": 0}
+    config = run_config(tmp_path, corpus, tiny_model_factory("gpt2"), teacher, max_steps=4, log_every=2, grad_accum=2,
+                        save_every=0)
+    train(config)
+    records = [json.loads(line) for line in (config.output_dir / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train_records] == [2, 4]
+    assert train_records[0].keys() == {"kind", "step", "lr", "grad_norm", "loss", "mean_uncertainty", "n_easy",
+                                       "n_hard", "tkd_hard", "dkd_easy", "dkd_hard", "loss_easy", "loss_hard",
+                                       "teacher_wait_s", "step_s", "tokens", "tokens_per_s"}
+    assert all(r["n_easy"] + r["n_hard"] == 2 * 4 * 32 for r in train_records)  # per step: 2 micro-batches
+    assert train_records[-1]["tokens"] == 4 * 2 * 4 * 32
 
 
 def test_cache_refuses_another_dataset_or_other_options(tmp_path, corpus, tiny_model_factory, tiny_model_dir):

@@ -1,7 +1,9 @@
 """Training examples of a fixed length, and the deterministic order in which batches draw them.
 
-An *example* is a pair ``(input_ids [T], targets [T])`` aligned as everywhere in the project:
-``targets[t]`` is the token after ``input_ids[t]``, -100 where nothing is learnt (prompt, padding).
+An *example* is a pair ``(input_ids [T], targets [T])`` aligned as everywhere in the project
+(:mod:`atkd.proto.alignment`): a window of T + 1 tokens split by
+:func:`~atkd.proto.alignment.split_window`, so ``targets[t]`` is the token after ``input_ids[t]``; -100
+(``IGNORE_INDEX``) where nothing is learnt (prompt, padding).
 Two kinds:
 
 - :class:`PackedText`: plain text tokenised into one stream (documents joined by eos) and cut into
@@ -11,7 +13,7 @@ Two kinds:
   the response is distilled).
 
 Every example has an index, and a batch carries the indices of its examples (:attr:`LMBatch.example_ids`),
-so signals exported once per example (``atkd.student.trainer.cache``) serve any batch size or shuffle.
+so signals exported once per example (:mod:`atkd.student.teachers.cache`) serve any batch size or shuffle.
 
 :class:`BatchOrder` maps a micro-batch number m = 0, 1, 2, ... to example indices: epoch e = m // M
 (M micro-batches per epoch) is a permutation drawn from ``seed + e``; under data parallelism the
@@ -31,8 +33,9 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from atkd.proto.alignment import IGNORE_INDEX, split_window
 from atkd.student.data.corpus import DOC_SEP
-from atkd.student.data.lm import IGNORE_INDEX, LMBatch, encode_corpus
+from atkd.student.data.lm import LMBatch, encode_corpus
 
 
 class Examples:
@@ -75,8 +78,8 @@ class PackedText(Examples):
         if count < 1:
             raise ValueError(f"need at least {seq_len + 1} tokens for seq_len={seq_len}, got {ids.numel()}")
         starts = torch.arange(count) * seq_len
-        windows = ids[starts[:, None] + torch.arange(seq_len + 1)]
-        self.input_ids, self.targets = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+        input_ids, targets = split_window(ids[starts[:, None] + torch.arange(seq_len + 1)])
+        self.input_ids, self.targets = input_ids.contiguous(), targets.contiguous()
 
     @classmethod
     def from_files(cls, paths: Sequence[Path], tokenizer: PreTrainedTokenizerBase, seq_len: int) -> PackedText:
@@ -109,9 +112,10 @@ class InstructionData(Examples):
         self.input_ids = torch.full((len(records), seq_len), pad, dtype=torch.long)
         self.targets = torch.full((len(records), seq_len), IGNORE_INDEX, dtype=torch.long)
         for row, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
-            ids = torch.tensor([*prompt, *response, tokenizer.eos_token_id][: seq_len + 1])
-            self.input_ids[row, : ids.numel() - 1] = ids[:-1]
-            self.targets[row, : ids.numel() - 1] = ids[1:]
+            window = torch.tensor([*prompt, *response, tokenizer.eos_token_id][: seq_len + 1])
+            input_ids, targets = split_window(window)
+            self.input_ids[row, : input_ids.numel()] = input_ids
+            self.targets[row, : targets.numel()] = targets
             self.targets[row, : max(len(prompt) - 1, 0)] = IGNORE_INDEX  # the prompt predicts nothing
 
     @classmethod

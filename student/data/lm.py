@@ -1,8 +1,10 @@
 """Token streams and causal-LM batches.
 
-Alignment convention of the whole project: ``logits[b, t]`` predicts ``targets[b, t]``, and
-``targets == -100`` is ignored. Here ``targets[b, t]`` is the token that follows
-``input_ids[b, t]`` in the stream, so a model's logits line up with the targets without shifting.
+Alignment convention of the whole project (:mod:`atkd.proto.alignment`): ``logits[b, t]`` predicts
+``targets[b, t]``, and ``targets == IGNORE_INDEX`` (-100) is ignored. Here a window of T + 1 tokens of
+the stream is split into inputs and targets (:func:`~atkd.proto.alignment.split_window`), so
+``targets[b, t]`` is the token that follows ``input_ids[b, t]`` and a model's logits line up with the
+targets without shifting.
 """
 
 from __future__ import annotations
@@ -13,9 +15,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from atkd.proto.alignment import split_window
 from atkd.student.data.corpus import DOC_SEP
-
-IGNORE_INDEX = -100
 
 
 def encode_corpus(text: str, tokenizer: PreTrainedTokenizerBase) -> torch.LongTensor:
@@ -40,8 +41,8 @@ class LMBatch:
 
 def _windows(ids: torch.LongTensor, starts: torch.Tensor, seq_len: int) -> LMBatch:
     """Cut windows of ``seq_len + 1`` tokens at ``starts [B]`` into an aligned :class:`LMBatch`."""
-    window = ids[starts[:, None] + torch.arange(seq_len + 1)]
-    return LMBatch(input_ids=window[:, :-1], targets=window[:, 1:])
+    input_ids, targets = split_window(ids[starts[:, None] + torch.arange(seq_len + 1)])
+    return LMBatch(input_ids=input_ids, targets=targets)
 
 
 def random_batches(ids: torch.LongTensor, batch_size: int, seq_len: int, seed: int) -> Iterator[LMBatch]:

@@ -1,8 +1,10 @@
 """KD losses for causal LMs: ATKD and the baselines, on dense teacher logits or compressed signals.
 
 Conventions (all losses): ``student_logits[b, t]`` (``[B, T, V]``) predicts ``targets[b, t]``
-(``[B, T]``); targets == -100 are ignored; the result is a mean over valid tokens (ATKD: a weighted
-mix of group means); ``teacher`` is dense logits ``[B, T, V]`` or a :class:`TeacherSignal`.
+(``[B, T]``); targets == -100 are ignored; ``teacher`` is a :data:`TeacherInput` (dense logits
+``[B, T, V]``, a :class:`TeacherSignal`, or None for SFT). Every loss returns a :class:`LossResult`:
+``.loss`` is a mean over valid tokens (ATKD: a weighted mix of group means), ``.stats`` its
+statistics as tensors on device (ATKD's split; none for the baselines).
 """
 
 from functools import partial
@@ -21,10 +23,12 @@ from .baselines import (
     skew_reverse_kl,
     tvd,
 )
+from .batch import TeacherInput
 from .divergences import DIVERGENCES, JSD, TVD, Divergence, ForwardKL, ReverseKL, SkewForwardKL, SkewReverseKL
+from .result import LossFn, LossResult
 
 #: Every loss by the name a training config uses; each is called as fn(student_logits, teacher, targets, **opts).
-LOSSES = {
+LOSSES: dict[str, LossFn] = {
     "atkd": atkd_loss,
     "forward_kl": forward_kl,
     "reverse_kl": reverse_kl,
@@ -37,7 +41,7 @@ LOSSES = {
 }
 
 
-def get_loss(name: str, **options):
+def get_loss(name: str, **options) -> LossFn:
     """The loss called ``name`` with its keyword options bound (e.g. ``get_loss("atkd", lam=0.2)``)."""
     try:
         return partial(LOSSES[name], **options)
@@ -46,8 +50,8 @@ def get_loss(name: str, **options):
 
 
 __all__ = [
-    "DIVERGENCES", "JSD", "LOSSES", "SPLIT_RULES", "TVD", "Divergence", "ForwardKL", "ReverseKL",
-    "SkewForwardKL", "SkewReverseKL", "TeacherSignal", "atkd_loss", "compress", "cross_entropy", "dkd",
-    "forward_kl", "full_divergence_loss", "get_loss", "jsd", "reverse_kl", "skew_forward_kl",
-    "skew_reverse_kl", "split_hard", "teacher_uncertainty", "tvd",
+    "DIVERGENCES", "JSD", "LOSSES", "SPLIT_RULES", "TVD", "Divergence", "ForwardKL", "LossFn", "LossResult",
+    "ReverseKL", "SkewForwardKL", "SkewReverseKL", "TeacherInput", "TeacherSignal", "atkd_loss", "compress",
+    "cross_entropy", "dkd", "forward_kl", "full_divergence_loss", "get_loss", "jsd", "reverse_kl",
+    "skew_forward_kl", "skew_reverse_kl", "split_hard", "teacher_uncertainty", "tvd",
 ]

@@ -29,9 +29,10 @@ import torch
 
 from atkd.proto.signal import TeacherSignal
 
-from .batch import LossBatch, Teacher, fused_chunked_sum
+from .batch import LossBatch, TeacherInput, fused_chunked_sum
 from .buckets import Normalised, bucket_sum
 from .divergences import Divergence, ReverseKL, get_divergence
+from .result import LossResult
 
 SPLIT_RULES = ("median", "topk", "none")
 
@@ -71,7 +72,7 @@ def target_and_diversity(divergence: Divergence, teacher: Normalised, student: N
 
 def atkd_loss(
     student_logits: torch.Tensor,
-    teacher: Teacher,
+    teacher: TeacherInput,
     targets: torch.Tensor,
     *,
     lam: float = 0.2,
@@ -80,9 +81,8 @@ def atkd_loss(
     base: str | Divergence = "forward",
     decouple: bool = True,
     chunk_size: int | None = None,
-    return_diagnostics: bool = False,
-):
-    """The ATKD loss (module docstring) as a scalar; with diagnostics, ``(loss, dict)``.
+) -> LossResult:
+    """The ATKD loss (module docstring) and its statistics.
 
     Args:
         student_logits: ``[B, T, V]`` (any float dtype; computed in fp32), ``logits[b, t]`` predicts
@@ -94,8 +94,13 @@ def atkd_loss(
         base: "forward", "reverse", "jsd", "skew_forward", "skew_reverse", "tvd" or a Divergence.
         decouple: False multiplies DKD by the coupling factor (for ablations and identity checks).
         chunk_size: valid tokens per chunk of ``[tokens, V]`` work (default: ~4M elements).
-    Diagnostics: mean_uncertainty, n_easy, n_hard, tkd_hard, dkd_easy, dkd_hard (group means),
-        loss_easy, loss_hard.
+
+    Returns:
+        :class:`LossResult`; ``stats`` (0-dim tensors, accumulated on device: the loss never syncs
+        with the host): ``mean_uncertainty`` (mean teacher UnC over the N valid tokens), ``n_easy`` and
+        ``n_hard`` (group sizes, int64), the group means ``tkd_hard`` = mean_H TKD, ``dkd_easy`` =
+        mean_E DKD, ``dkd_hard`` = mean_H DKD, and ``loss_easy`` = dkd_easy, ``loss_hard`` =
+        tkd_hard + dkd_hard (an empty group's means are 0).
     """
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lam must be in [0, 1], got {lam}")
@@ -105,11 +110,14 @@ def atkd_loss(
     batch = LossBatch.from_inputs(student_logits, teacher, targets)
     uncertainty = teacher_uncertainty(batch, chunk_size)
     hard = split_hard(uncertainty, split, hard_fraction)
-    n_hard = int(hard.sum())
+    n_hard = hard.sum()
     n_easy = batch.num_valid - n_hard
-    hard_weight = (1.0 - lam) / max(n_hard, 1)
-    easy_weight = lam / max(n_easy, 1)
-    sums = {"tkd_hard": 0.0, "dkd_easy": 0.0, "dkd_hard": 0.0}
+    # Group sizes as divisors in the work dtype, clamped so that an empty group contributes 0, not NaN.
+    hard_size = n_hard.to(batch.work_dtype).clamp(min=1)
+    easy_size = n_easy.to(batch.work_dtype).clamp(min=1)
+    hard_weight, easy_weight = (1.0 - lam) / hard_size, lam / easy_size
+    zero = torch.zeros((), dtype=batch.work_dtype, device=batch.logits.device)
+    sums = {"tkd_hard": zero, "dkd_easy": zero, "dkd_hard": zero}
 
     def chunk_loss(positions: slice, logits: torch.Tensor) -> torch.Tensor:
         teacher_dist = batch.teacher_normalised(positions)
@@ -119,26 +127,25 @@ def atkd_loss(
             coupling = student_dist if isinstance(divergence, ReverseKL) else teacher_dist
             dkd = coupling.uncertainty * dkd
         is_hard = hard[positions]
-        if return_diagnostics:
-            sums["tkd_hard"] += float(tkd.detach()[is_hard].sum())
-            sums["dkd_easy"] += float(dkd.detach()[~is_hard].sum())
-            sums["dkd_hard"] += float(dkd.detach()[is_hard].sum())
-        dkd_weight = torch.full_like(dkd, easy_weight).masked_fill(is_hard, hard_weight)
-        return (hard_weight * tkd[is_hard]).sum() + (dkd_weight * dkd).sum()
+        tkd_of_hard = torch.where(is_hard, tkd, 0.0)  # a mask, not an index: no host sync for the group's size
+        sums["tkd_hard"] = sums["tkd_hard"] + tkd_of_hard.detach().sum()
+        sums["dkd_easy"] = sums["dkd_easy"] + torch.where(is_hard, 0.0, dkd.detach()).sum()
+        sums["dkd_hard"] = sums["dkd_hard"] + torch.where(is_hard, dkd.detach(), 0.0).sum()
+        dkd_weight = torch.where(is_hard, hard_weight, easy_weight)
+        return hard_weight * tkd_of_hard.sum() + (dkd_weight * dkd).sum()
 
     loss = fused_chunked_sum(batch, chunk_loss, chunk_size)
-    if not return_diagnostics:
-        return loss
     means = {
-        "tkd_hard": sums["tkd_hard"] / max(n_hard, 1),
-        "dkd_easy": sums["dkd_easy"] / max(n_easy, 1),
-        "dkd_hard": sums["dkd_hard"] / max(n_hard, 1),
+        "tkd_hard": sums["tkd_hard"] / hard_size,
+        "dkd_easy": sums["dkd_easy"] / easy_size,
+        "dkd_hard": sums["dkd_hard"] / hard_size,
     }
-    return loss, {
-        "mean_uncertainty": float(uncertainty.mean()) if batch.num_valid else 0.0,
+    stats = {
+        "mean_uncertainty": uncertainty.mean() if batch.num_valid else zero,
         "n_easy": n_easy,
         "n_hard": n_hard,
         **means,
         "loss_easy": means["dkd_easy"],
         "loss_hard": means["tkd_hard"] + means["dkd_hard"],
     }
+    return LossResult(loss, stats)

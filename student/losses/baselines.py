@@ -1,9 +1,9 @@
 """Baseline KD losses the paper applies ATKD to, and plain SFT.
 
 All take ``(student_logits [B, T, V], teacher, targets [B, T])`` with ``teacher`` dense logits
-``[B, T, V]`` or a :class:`TeacherSignal`, ignore targets == -100, and return the mean over valid
-tokens of a per-token divergence of the full distributions (on a signal: of the coarsened buckets
-{g} ∪ {top-k \\ g} ∪ {TAIL}, ATKD.md §7):
+``[B, T, V]`` or a :class:`TeacherSignal`, ignore targets == -100, and return a :class:`LossResult`
+whose loss is the mean over valid tokens of a per-token divergence of the full distributions (on a
+signal: of the coarsened buckets {g} ∪ {top-k \\ g} ∪ {TAIL}, ATKD.md §7) and whose stats are empty:
 
     forward_kl       KL(p || q)                                  supervised KD
     reverse_kl       KL(q || p)                                  reverse KD / MiniLLM-style
@@ -20,13 +20,14 @@ from __future__ import annotations
 import torch
 
 from .atkd import target_and_diversity
-from .batch import LossBatch, Teacher, fused_chunked_sum
+from .batch import LossBatch, TeacherInput, fused_chunked_sum
 from .buckets import bucket_sum
 from .divergences import JSD, TVD, Divergence, ForwardKL, ReverseKL, SkewForwardKL, SkewReverseKL
+from .result import LossResult
 
 
-def full_divergence_loss(student_logits, teacher: Teacher, targets, divergence: Divergence,
-                         *, chunk_size: int | None = None) -> torch.Tensor:
+def full_divergence_loss(student_logits, teacher: TeacherInput, targets, divergence: Divergence,
+                         *, chunk_size: int | None = None) -> LossResult:
     """mean over valid tokens of D(p, q) = phi(p_g, q_g) + sum_{buckets i != g} phi(p_i, q_i)."""
     if teacher is None:
         raise ValueError(f"{divergence.name} KD needs a teacher (dense logits or a TeacherSignal), got None")
@@ -40,34 +41,34 @@ def full_divergence_loss(student_logits, teacher: Teacher, targets, divergence: 
             divergence, p.full, q.full, p.full_samples, q.full_samples)
         return scale * per_token.sum()
 
-    return fused_chunked_sum(batch, chunk_loss, chunk_size)
+    return LossResult(fused_chunked_sum(batch, chunk_loss, chunk_size))
 
 
-def forward_kl(student_logits, teacher, targets, *, chunk_size=None):
+def forward_kl(student_logits, teacher, targets, *, chunk_size=None) -> LossResult:
     return full_divergence_loss(student_logits, teacher, targets, ForwardKL(), chunk_size=chunk_size)
 
 
-def reverse_kl(student_logits, teacher, targets, *, chunk_size=None):
+def reverse_kl(student_logits, teacher, targets, *, chunk_size=None) -> LossResult:
     return full_divergence_loss(student_logits, teacher, targets, ReverseKL(), chunk_size=chunk_size)
 
 
-def jsd(student_logits, teacher, targets, *, beta: float = 0.5, chunk_size=None):
+def jsd(student_logits, teacher, targets, *, beta: float = 0.5, chunk_size=None) -> LossResult:
     return full_divergence_loss(student_logits, teacher, targets, JSD(beta), chunk_size=chunk_size)
 
 
-def skew_forward_kl(student_logits, teacher, targets, *, alpha: float = 0.1, chunk_size=None):
+def skew_forward_kl(student_logits, teacher, targets, *, alpha: float = 0.1, chunk_size=None) -> LossResult:
     return full_divergence_loss(student_logits, teacher, targets, SkewForwardKL(alpha), chunk_size=chunk_size)
 
 
-def skew_reverse_kl(student_logits, teacher, targets, *, alpha: float = 0.1, chunk_size=None):
+def skew_reverse_kl(student_logits, teacher, targets, *, alpha: float = 0.1, chunk_size=None) -> LossResult:
     return full_divergence_loss(student_logits, teacher, targets, SkewReverseKL(alpha), chunk_size=chunk_size)
 
 
-def tvd(student_logits, teacher, targets, *, chunk_size=None):
+def tvd(student_logits, teacher, targets, *, chunk_size=None) -> LossResult:
     return full_divergence_loss(student_logits, teacher, targets, TVD(), chunk_size=chunk_size)
 
 
-def dkd(student_logits, teacher, targets, *, alpha: float = 1.0, beta: float = 8.0, chunk_size=None):
+def dkd(student_logits, teacher, targets, *, alpha: float = 1.0, beta: float = 8.0, chunk_size=None) -> LossResult:
     """Decoupled KD (Zhao et al. 2022; their defaults alpha = 1, beta = 8), at temperature 1."""
     if teacher is None:
         raise ValueError("dkd needs a teacher (dense logits or a TeacherSignal), got None")
@@ -80,10 +81,10 @@ def dkd(student_logits, teacher, targets, *, alpha: float = 1.0, beta: float = 8
                                           batch.student_normalised(positions, logits))
         return scale * (alpha * tckd + beta * nckd).sum()
 
-    return fused_chunked_sum(batch, chunk_loss, chunk_size)
+    return LossResult(fused_chunked_sum(batch, chunk_loss, chunk_size))
 
 
-def cross_entropy(student_logits, teacher, targets, *, chunk_size=None):
+def cross_entropy(student_logits, teacher, targets, *, chunk_size=None) -> LossResult:
     """Token-mean -log q_g over valid targets; ``teacher`` is ignored (pass None)."""
     batch = LossBatch.from_inputs(student_logits, None, targets)
     scale = 1.0 / max(batch.num_valid, 1)
@@ -93,4 +94,4 @@ def cross_entropy(student_logits, teacher, targets, *, chunk_size=None):
         log_q_target = logits.gather(1, targets_here).squeeze(1) - torch.logsumexp(logits, dim=1)
         return -scale * log_q_target.sum()
 
-    return fused_chunked_sum(batch, chunk_loss, chunk_size)
+    return LossResult(fused_chunked_sum(batch, chunk_loss, chunk_size))

@@ -19,11 +19,14 @@ from dataclasses import dataclass
 
 import torch
 
-from atkd.proto.signal import IGNORE_INDEX, TeacherSignal, rows_per_chunk
+from atkd.proto.alignment import IGNORE_INDEX
+from atkd.proto.signal import TeacherSignal, rows_per_chunk
 
 from .buckets import Normalised, dense_buckets, signal_buckets, student_buckets_for_signal
 
-Teacher = torch.Tensor | TeacherSignal | None
+TeacherInput = torch.Tensor | TeacherSignal | None
+"""What a loss receives from the teacher, and what a teacher source returns: dense logits ``[*P, V]``, a
+compressed :class:`TeacherSignal` over the positions ``P``, or None (no teacher: SFT)."""
 
 
 @dataclass
@@ -34,7 +37,7 @@ class LossBatch:
     """
 
     logits: torch.Tensor
-    teacher: Teacher
+    teacher: TeacherInput
     targets: torch.Tensor
     valid_rows: torch.Tensor
 
@@ -47,7 +50,7 @@ class LossBatch:
         return torch.promote_types(self.logits.dtype, torch.float32)
 
     @classmethod
-    def from_inputs(cls, student_logits: torch.Tensor, teacher: Teacher, targets: torch.Tensor) -> LossBatch:
+    def from_inputs(cls, student_logits: torch.Tensor, teacher: TeacherInput, targets: torch.Tensor) -> LossBatch:
         if not torch.is_floating_point(student_logits):
             raise TypeError(f"student_logits must be floating point, got {student_logits.dtype}")
         if student_logits.dim() < 2:
@@ -64,7 +67,7 @@ class LossBatch:
         if bad.any():
             value = flat_targets[bad][0].item()
             raise ValueError(f"targets hold token id {value} outside [0, {vocab}) (use -100 to ignore a position)")
-        flat_teacher: Teacher
+        flat_teacher: TeacherInput
         if teacher is None:
             flat_teacher = None  # only the SFT loss accepts no teacher
         elif isinstance(teacher, TeacherSignal):

@@ -1,1 +1,1 @@
-"""Student training: the loop, checkpoints, teacher sources and prefetch, the export cache, the CLI."""
+"""The training job (``atkd-student``): config, loop, metrics log, checkpoints, CLI, and the HF Trainer integration."""

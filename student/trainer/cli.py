@@ -21,13 +21,16 @@ from pathlib import Path
 
 from transformers.utils import logging as hf_logging
 
-from atkd.proto.fingerprint import tokenizer_fingerprint
-from atkd.student.client import TeacherError, TeacherMismatchError
-from atkd.student.signal_cache import CacheManifest, CacheMismatchError, export_signals
+from atkd.proto.device import resolve_device
+from atkd.proto.fingerprint import TeacherMismatchError, tokenizer_fingerprint
+from atkd.student.client import TeacherError
+from atkd.student.evaluation import evaluation_report
+from atkd.student.models import load_model
+from atkd.student.teachers import CacheManifest, CacheMismatchError, export_signals
 
 from .config import TrainConfig, describe_fields, load_config
-from .loop import FINAL_DIR, evaluate, train
-from .parts import build_teacher, load_examples, load_tokenizer, resolve_device, teacher_identity
+from .loop import FINAL_DIR, train
+from .parts import build_teacher, load_examples, load_tokenizer, teacher_identity
 
 log = logging.getLogger("atkd-student")
 
@@ -82,23 +85,16 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def run_eval(config: TrainConfig, model_dir: Path | None, max_new_tokens: int, max_examples: int) -> dict:
-    """Perplexity and accuracy on the eval data (or the training data when none is set); for instruction
-    data also greedy generations scored by ROUGE-L against the reference responses."""
-    from atkd.student.evaluation import evaluate_generation
-    from atkd.student.models import load_model
-
+    """:func:`~atkd.student.evaluation.evaluation_report` of the model in ``model_dir`` (default: the run's
+    final model) on the eval data (or the training data when none is set), with ``"model"`` added."""
     model_dir = model_dir or Path(config.output_dir) / FINAL_DIR
     tokenizer = load_tokenizer(config.tokenizer or config.student)
     examples = load_examples(config.data, tokenizer, "eval") or load_examples(config.data, tokenizer, "train")
     model = load_model(model_dir, device=str(resolve_device(config.device)))
-    report = {"model": str(model_dir), **asdict(evaluate(model, examples, config))}
-    if config.data.kind == "instruction":
-        count = min(max_examples, len(examples.prompts))
-        generated = evaluate_generation(model, tokenizer, examples.prompts[:count], examples.responses[:count],
-                                        max_new_tokens=max_new_tokens, batch_size=config.batch_size)
-        report["rouge_l"] = generated["rouge_l"]
-        report["generated"] = generated["examples"]
-    return report
+    report = evaluation_report(model, tokenizer, examples, batch_size=config.batch_size,
+                               max_batches=config.data.eval_batches, max_new_tokens=max_new_tokens,
+                               max_generations=max_examples)
+    return {"model": str(model_dir), **report}
 
 
 def export_cache(config: TrainConfig, out_dir: Path, shard_size: int) -> CacheManifest:
@@ -106,8 +102,6 @@ def export_cache(config: TrainConfig, out_dir: Path, shard_size: int) -> CacheMa
     teacher_config = config.teacher
     if teacher_config is None or teacher_config.mode == "cache":
         raise ValueError("export-cache needs teacher.mode remote or local")
-    from atkd.student.models import load_model
-
     tokenizer = load_tokenizer(config.tokenizer or config.student)
     examples = load_examples(config.data, tokenizer, "train")
     student = load_model(config.student)

@@ -17,9 +17,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from atkd.student.losses import LOSSES
+from atkd.student.optim import OptimConfig
 
 
 class Section(BaseModel):
+    """A config section: unknown keys are errors. (``optim`` is :class:`atkd.student.optim.OptimConfig`.)"""
+
     model_config = ConfigDict(extra="forbid")
 
 
@@ -81,14 +84,6 @@ class LossConfig(Section):
         if value not in LOSSES:
             raise ValueError(f"unknown loss {value!r}; choose one of {sorted(LOSSES)}")
         return value
-
-
-class OptimConfig(Section):
-    lr: float = Field(1e-3, gt=0, description="peak learning rate of AdamW")
-    warmup: int = Field(20, ge=0, description="linear warmup steps")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="the cosine ends at lr * min_lr_ratio")
-    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (matrices only)")
-    grad_clip: float = Field(1.0, gt=0, description="max global gradient norm")
 
 
 class TrainConfig(Section):
@@ -170,7 +165,7 @@ def describe_fields(model: type[BaseModel] = TrainConfig, prefix: str = "") -> l
     lines = []
     for name, field in model.model_fields.items():
         kinds = [field.annotation, *getattr(field.annotation, "__args__", ())]
-        section = next((k for k in kinds if isinstance(k, type) and issubclass(k, Section)), None)
+        section = next((k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)), None)
         if section is not None:
             lines.extend(describe_fields(section, f"{prefix}{name}."))
             continue

@@ -7,7 +7,9 @@ Each optimizer step, in order:
    ``teacher.prefetch`` batches earlier; student forward (bf16 autocast if asked); loss / grad_accum;
    backward (under DDP the gradients are all-reduced on the last micro-batch only);
 2. clip the global gradient norm; AdamW step; LR schedule step (warmup, then cosine);
-3. log the step (JSONL, progress bar, TensorBoard if installed); evaluate and checkpoint on schedule.
+3. every ``log_every`` steps, a record of the steps since the last one (JSONL, progress bar, TensorBoard
+   if installed; :mod:`atkd.student.trainer.metrics`): the loss, its stats and the gradient norm are
+   summed on the device and copied to the host once per record; evaluate and checkpoint on schedule.
 
 The ATKD split is taken per micro-batch and per rank, as in the paper. Data parallelism: under
 ``torchrun`` every rank trains on its own slice of each global batch and has its own teacher stream;
@@ -19,7 +21,6 @@ and ``resume`` continues from the newest checkpoint as if nothing had happened.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import signal
@@ -32,16 +33,18 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from atkd.proto.device import resolve_device
 from atkd.student.data.examples import BatchOrder, Examples
-from atkd.student.losses import get_loss
-from atkd.student.models import LMEval, evaluate_lm, load_model
+from atkd.student.evaluation import LMEval, evaluate_examples
+from atkd.student.losses import TeacherInput, get_loss
+from atkd.student.models import load_model
+from atkd.student.optim import make_optimizer
 from atkd.student.teachers import prefetched
-from atkd.student.train_loop import OptimConfig as LoopOptim
-from atkd.student.train_loop import make_optimizer
 
 from .checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .parts import build_teacher, init_distributed, load_examples, load_tokenizer, resolve_device
+from .metrics import LogWindow, MetricsLog
+from .parts import build_teacher, init_distributed, load_examples, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -99,15 +102,8 @@ def train(config: TrainConfig, *, resume: bool | Path = False, stop_at: int | No
     model = load_model(config.student, device=str(device)).train()
     teacher = None if config.teacher is None else build_teacher(
         config.teacher, tokenizer, model, train_data, client_name=f"{output_dir.name}-rank{rank}")
-    loss_options = dict(config.loss.options)
-    diagnostics = config.loss.name == "atkd"
-    if diagnostics:
-        loss_options["return_diagnostics"] = True
-    loss_fn = get_loss(config.loss.name, **loss_options)
-    optim = config.optim
-    optimizer, schedule = make_optimizer(model, LoopOptim(
-        steps=steps, lr=optim.lr, warmup=optim.warmup, weight_decay=optim.weight_decay,
-        min_lr_ratio=optim.min_lr_ratio, grad_clip=optim.grad_clip))
+    loss_fn = get_loss(config.loss.name, **config.loss.options)
+    optimizer, schedule = make_optimizer(model, config.optim, steps)
 
     state = TrainState()
     checkpoint = _resume_from(resume, output_dir)
@@ -128,45 +124,40 @@ def train(config: TrainConfig, *, resume: bool | Path = False, stop_at: int | No
     bar = tqdm(total=steps, initial=state.step, desc="distil", disable=not (config.progress and is_main),
                dynamic_ncols=True)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
-    result_eval, window_start, window_tokens = None, time.perf_counter(), 0
+    result_eval, window = None, LogWindow()
     try:
         while state.step < steps:
-            step_start, waited, parts = time.perf_counter(), 0.0, []
+            step_start, waited = time.perf_counter(), 0.0
             for micro in range(config.grad_accum):
-                batch, signal_out, wait_s = next(stream)
+                batch, teacher_output, wait_s = next(stream)
                 waited += wait_s
                 sync = micro == config.grad_accum - 1 or world == 1
                 with contextlib.nullcontext() if sync else trained.no_sync():
                     with autocast:
                         logits = trained(batch.input_ids.to(device)).logits
-                    out = loss_fn(logits, _to(signal_out, device), batch.targets.to(device))
-                    loss, info = out if diagnostics else (out, {})
-                    (loss / config.grad_accum).backward()
-                parts.append({"loss": loss.item(), **info})
+                    result = loss_fn(logits, _to(teacher_output, device), batch.targets.to(device))
+                    (result.loss / config.grad_accum).backward()
+                window.add_micro_batch(result, tokens=batch.input_ids.numel() * world)
                 state.micro_batch += 1
-                state.tokens += int(batch.input_ids.numel()) * world
-                window_tokens += int(batch.input_ids.numel()) * world
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
+                state.tokens += batch.input_ids.numel() * world
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             schedule.step()
             state.step += 1
+            window.add_step(grad_norm, teacher_wait_s=waited, step_s=time.perf_counter() - step_start)
 
-            record = {"step": state.step, "lr": schedule.get_last_lr()[0], "grad_norm": float(grad_norm),
-                      **_mean(parts), "teacher_wait_s": waited, "step_s": time.perf_counter() - step_start,
-                      "tokens": state.tokens}
-            record["tokens_per_s"] = window_tokens / (time.perf_counter() - window_start)
             if state.step % config.log_every == 0:
+                record = {"step": state.step, "lr": schedule.get_last_lr()[0], **window.read(), "tokens": state.tokens}
                 metrics.write("train", record)
-                window_start, window_tokens = time.perf_counter(), 0
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                wait=f"{record['teacher_wait_s']:.2f}s")
             bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                            wait=f"{waited:.2f}s")
 
             last = state.step == steps
             due_eval = last or config.eval_every and state.step % config.eval_every == 0
             if eval_data is not None and is_main and due_eval:
-                result_eval = evaluate(model, eval_data, config)
+                result_eval = evaluate_examples(model, eval_data, config.batch_size, config.data.eval_batches)
                 metrics.write("eval", {"step": state.step, **asdict(result_eval)})
             stopping = stop.agreed(world, device) or (stop_at is not None and state.step >= stop_at)
             if is_main and (last or stopping or config.save_every and state.step % config.save_every == 0):
@@ -189,16 +180,6 @@ def train(config: TrainConfig, *, resume: bool | Path = False, stop_at: int | No
     return TrainResult(state, final_dir, result_eval, stopped_early=False)
 
 
-def evaluate(model, examples: Examples, config: TrainConfig) -> LMEval:
-    """Held-out perplexity and next-token accuracy over the first ``data.eval_batches`` batches."""
-    size = config.batch_size
-    count = len(examples)
-    if config.data.eval_batches is not None:
-        count = min(count, config.data.eval_batches * size)
-    batches = (examples.batch(range(start, min(start + size, count))) for start in range(0, count, size))
-    return evaluate_lm(model, batches)
-
-
 def _resume_from(resume: bool | Path, output_dir: Path) -> Path | None:
     if resume is True:
         found = list_checkpoints(output_dir)
@@ -213,52 +194,8 @@ def _no_teacher(batches):
         yield batch, None, 0.0
 
 
-def _to(teacher_output, device: torch.device):
+def _to(teacher_output: TeacherInput, device: torch.device) -> TeacherInput:
     return None if teacher_output is None else teacher_output.to(device)
-
-
-def _mean(parts: list[dict]) -> dict:
-    """Per-key mean over the micro-batches of a step (counts are summed)."""
-    keys = parts[0].keys()
-    return {k: sum(p[k] for p in parts) / (1 if k.startswith("n_") else len(parts)) for k in keys}
-
-
-class MetricsLog:
-    """``metrics.jsonl``: one JSON object per line with ``kind`` (train / eval) and ``step``; on resume, the
-    records after the checkpoint's step are dropped, so the log reads as one uninterrupted run. Also
-    writes TensorBoard scalars when ``tensorboard`` is installed."""
-
-    def __init__(self, path: Path, keep_until: int, enabled: bool = True):
-        self.enabled = enabled
-        self._file = None
-        self._board = None
-        if not enabled:
-            return
-        kept = []
-        if path.is_file():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= keep_until]
-        path.write_text("".join(line + "\n" for line in kept))
-        self._file = path.open("a")
-        with contextlib.suppress(ImportError):
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._board = SummaryWriter(path.parent / "tensorboard")
-
-    def write(self, kind: str, record: dict) -> None:
-        if not self.enabled:
-            return
-        self._file.write(json.dumps({"kind": kind, **record}) + "\n")
-        self._file.flush()
-        if self._board is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self._board.add_scalar(f"{kind}/{key}", value, record["step"])
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-        if self._board is not None:
-            self._board.close()
 
 
 class _StopRequest:

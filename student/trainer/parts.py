@@ -10,12 +10,11 @@ import torch.distributed as dist
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from atkd.proto.device import resolve_device
-from atkd.proto.fingerprint import tokenizer_fingerprint, weights_digest
-from atkd.student.client import TeacherClient, TeacherMismatchError
+from atkd.proto.fingerprint import check_same_tokenizer, tokenizer_fingerprint, weights_digest
+from atkd.student.client import TeacherClient
 from atkd.student.data.examples import Examples, InstructionData, PackedText
 from atkd.student.models import load_model
-from atkd.student.signal_cache import CachedTeacher, SignalCache
-from atkd.student.teachers import LocalTeacher, RemoteTeacher, TeacherSource
+from atkd.student.teachers import CachedTeacher, LocalTeacher, RemoteTeacher, SignalCache, TeacherSource
 
 from .config import DataConfig, TeacherSourceConfig
 
@@ -49,8 +48,9 @@ def load_examples(data: DataConfig, tokenizer: PreTrainedTokenizerBase, split: s
 def build_teacher(config: TeacherSourceConfig, tokenizer: PreTrainedTokenizerBase, student: PreTrainedModel,
                   examples: Examples, client_name: str = "") -> TeacherSource:
     """The teacher source of ``config.mode``, checked against the student before it scores anything:
-    same vocabulary width and tokenizer fingerprint (remote, local), and a cache made for this data
-    and these signal options (cache). Raises :class:`TeacherMismatchError` / ``CacheMismatchError``."""
+    same vocabulary width and tokenizer fingerprint (remote, local, cache: the one check,
+    :func:`~atkd.proto.fingerprint.check_same_tokenizer`), and a cache made for this data and these signal
+    options (cache). Raises ``TeacherMismatchError`` / :class:`~atkd.student.teachers.CacheMismatchError`."""
     vocab_size = student.config.vocab_size
     if config.mode == "remote":
         token = os.environ.get(config.token_env) if config.token_env else None
@@ -69,7 +69,7 @@ def build_teacher(config: TeacherSourceConfig, tokenizer: PreTrainedTokenizerBas
         return LocalTeacher(model, top_k=config.top_k or None, temperature=config.temperature,
                             tail_samples=config.tail_samples)
     cache = SignalCache(config.cache_dir)
-    cache.check(tokenizer_hash=tokenizer_fingerprint(tokenizer), vocab_size=vocab_size,
+    cache.check(vocab_size=vocab_size, tokenizer_hash=tokenizer_fingerprint(tokenizer),
                 dataset_fingerprint=examples.fingerprint, seq_len=examples.seq_len, top_k=config.top_k,
                 tail_samples=config.tail_samples, temperature=config.temperature)
     return CachedTeacher(cache)
@@ -77,17 +77,15 @@ def build_teacher(config: TeacherSourceConfig, tokenizer: PreTrainedTokenizerBas
 
 def check_local_teacher(directory: Path, teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                         vocab_size: int) -> None:
-    """The checks a server's Info allows, for a teacher loaded in this process."""
-    if teacher.config.vocab_size != vocab_size:
-        raise TeacherMismatchError(f"teacher {directory} scores a vocabulary of {teacher.config.vocab_size} tokens, "
-                                   f"the student's has {vocab_size}: teacher and student must share a tokenizer")
+    """The check a server's Info allows (:func:`~atkd.proto.fingerprint.check_same_tokenizer`), for a teacher
+    loaded in this process from ``directory``: its tokenizer's fingerprint is compared when one is saved
+    there, else only its vocabulary width."""
     try:
-        theirs = tokenizer_fingerprint(load_tokenizer(directory))
+        teacher_hash = tokenizer_fingerprint(load_tokenizer(directory))
     except (OSError, ValueError):
-        return  # no tokenizer saved with the teacher: only the size can be checked
-    if theirs != tokenizer_fingerprint(tokenizer):
-        raise TeacherMismatchError(f"teacher {directory} uses another tokenizer than the student: "
-                                   "teacher and student must share a tokenizer")
+        teacher_hash = ""  # no tokenizer saved with the teacher: unknown
+    check_same_tokenizer(str(directory), teacher.config.vocab_size, teacher_hash, vocab_size,
+                         tokenizer_fingerprint(tokenizer))
 
 
 def teacher_identity(config: TeacherSourceConfig, teacher: TeacherSource) -> tuple[str, str]:

@@ -22,7 +22,9 @@ from transformers import AutoTokenizer
 from atkd.student.data.corpus import DOC_SEP, Corpus, atomic_dir, cache_dir, load_corpus
 from atkd.student.data.lm import encode_corpus, random_batches
 from atkd.student.data.tokenizer import train_tokenizer
-from atkd.student.models import build_model, pretrain, save_model
+from atkd.student.models import build_model, save_model
+from atkd.student.optim import OptimConfig
+from atkd.student.pretrain import pretrain
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +112,7 @@ def prepare_demo_assets(
     if not teacher_dir.is_dir():
         log.info("pre-training the %s teacher for %d steps", family, teacher_steps)
         teacher = build_model(family, len(tokenizer), "teacher", seed)
-        pretrain(teacher, random_batches(ids["train"], batch_size, seq_len, seed), teacher_steps, lr=lr)
+        pretrain(teacher, random_batches(ids["train"], batch_size, seq_len, seed), teacher_steps, OptimConfig(lr=lr))
         with atomic_dir(teacher_dir) as tmp:
             save_model(teacher, tmp)
             tokenizer.save_pretrained(tmp)

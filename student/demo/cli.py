@@ -1,8 +1,9 @@
 """`make demo`: distil a tiny student from a tiny teacher with ATKD, next to an SFT-only student.
 
 Builds (or reuses from the cache) the corpus, tokenizer, a pre-trained teacher and a smaller
-student initialisation (:mod:`atkd.student.assets`); starts the teacher as a real server process on
-loopback (``atkd-teacher serve``, or in this process with ``--teacher local``); then runs the
+student initialisation (:mod:`atkd.student.demo.assets`); starts the teacher as a real server process on
+loopback (``atkd-teacher serve`` through :mod:`atkd.student.demo.teacher_process`, or in this process with
+``--teacher local``); then runs the
 training job of ``atkd-student train`` (:func:`atkd.student.trainer.loop.train`: prefetching client,
 checkpoints, metrics log) once per requested loss, from the same initialisation, seed and batches,
 and prints held-out perplexity and next-token accuracy before and after. The student receives
@@ -20,14 +21,17 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
-from atkd.student.assets import prepare_demo_assets
 from atkd.student.data.examples import PackedText
 from atkd.student.data.lm import heldout_batches
+from atkd.student.evaluation import LMEval, evaluate_lm
 from atkd.student.losses import LOSSES, get_loss
-from atkd.student.models import LMEval, evaluate_lm, load_model
-from atkd.student.teacher_process import teacher_server
-from atkd.student.trainer.config import DataConfig, LossConfig, OptimConfig, TeacherSourceConfig, TrainConfig
+from atkd.student.models import load_model
+from atkd.student.optim import OptimConfig
+from atkd.student.trainer.config import DataConfig, LossConfig, TeacherSourceConfig, TrainConfig
 from atkd.student.trainer.loop import train
+
+from .assets import prepare_demo_assets
+from .teacher_process import teacher_server
 
 DEFAULT_TAIL_SAMPLES = 16
 
@@ -132,7 +136,3 @@ def main(argv=None) -> None:
           f"{time.perf_counter() - start:.0f} s in all")
     print(f"{'model':34s} {'params':>7s} {'perplexity':>10s} {'accuracy':>9s}")
     print("\n".join(rows))
-
-
-if __name__ == "__main__":
-    main()

@@ -6,14 +6,15 @@ Layout of a cache directory::
     shard-00000.safetensors  examples [0, shard_size): one tensor per TeacherSignal field, [n, T, ...]
     shard-00001.safetensors  ...
 
-Signals are stored per dataset *example* (``atkd.student.data.examples``), not per batch, so a sweep over
+Signals are stored per dataset *example* (:mod:`atkd.student.data.examples`), not per batch, so a sweep over
 batch sizes, seeds or learning rates reuses one teacher pass. Values are stored as the wire carries
 them, so a cache of a server's signals reads back bit for bit: the per-position scalars in float32, the
 top-k and tail-sample log-probs in float16 for the fp16 codec (float32 otherwise), ids in int32. Tail samples are
 drawn once per example at export, so every epoch sees the same draw (a live teacher redraws).
 
-Before training, :meth:`SignalCache.check` compares the manifest with the student's tokenizer, the
-dataset and the signal options, and names the first field that differs.
+Before training, :meth:`SignalCache.check` compares the manifest with the student's tokenizer (the one
+compatibility check of :func:`atkd.proto.fingerprint.check_same_tokenizer`), the dataset and the signal
+options, and names the first field that differs.
 """
 
 from __future__ import annotations
@@ -28,9 +29,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from atkd.proto.fingerprint import check_same_tokenizer
 from atkd.proto.signal import TeacherSignal
 from atkd.student.data.examples import Examples
-from atkd.student.teachers import Deferred, TeacherSource, prefetched
+from atkd.student.data.lm import LMBatch
+
+from .prefetch import prefetched
+from .source import Deferred, TeacherSource
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -146,11 +151,19 @@ class SignalCache:
         self._shards = [safe_open(str(self.directory / self.manifest.shard_name(s)), "pt")
                         for s in range(self.manifest.num_shards)]
 
-    def check(self, **expected) -> None:
-        """Raise :class:`CacheMismatchError` naming the first manifest field that differs from
-        ``expected`` (e.g. ``tokenizer_hash=..., dataset_fingerprint=..., top_k=64``)."""
+    def check(self, *, vocab_size: int, tokenizer_hash: str, **expected) -> None:
+        """Refuse a cache that was not made for this run.
+
+        Its teacher must share the student's tokenizer (``vocab_size``, ``tokenizer_hash``: the student's;
+        :func:`~atkd.proto.fingerprint.check_same_tokenizer` raises ``TeacherMismatchError``), and every
+        manifest field in ``expected`` (e.g. ``dataset_fingerprint=..., top_k=64``) must match:
+        :class:`CacheMismatchError` names the first that differs.
+        """
+        manifest = self.manifest
+        check_same_tokenizer(f"{manifest.teacher_model_id} (signal cache {self.directory})", manifest.vocab_size,
+                             manifest.tokenizer_hash, vocab_size, tokenizer_hash)
         for name, value in expected.items():
-            actual = getattr(self.manifest, name)
+            actual = getattr(manifest, name)
             if actual != value:
                 raise CacheMismatchError(f"signal cache {self.directory} was exported with {name}={actual!r}, "
                                          f"this run needs {value!r}: export the cache again for this run")
@@ -183,7 +196,7 @@ class CachedTeacher(TeacherSource):
     def __init__(self, cache: SignalCache):
         self.cache = cache
 
-    def submit(self, batch, seed: int | None = None) -> Deferred:
+    def submit(self, batch: LMBatch, seed: int | None = None) -> Deferred:
         if batch.example_ids is None:
             raise ValueError("a cached teacher needs batches drawn from a dataset (LMBatch.example_ids)")
         return Deferred(lambda: self.cache.signals(batch.example_ids))
