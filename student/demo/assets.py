@@ -28,7 +28,7 @@ from atkd.student.pretrain import pretrain
 
 log = logging.getLogger(__name__)
 
-ASSETS_VERSION = 2
+ASSETS_VERSION = 3
 """Part of the cache key: bump it when the build recipe changes."""
 
 
@@ -72,7 +72,7 @@ def prepare_demo_assets(
     *,
     family: str = "llama",
     vocab_size: int = 4096,
-    teacher_steps: int = 700,
+    teacher_steps: int = 200,
     batch_size: int = 8,
     seq_len: int = 128,
     lr: float = 2e-3,

