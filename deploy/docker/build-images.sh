@@ -13,8 +13,9 @@
 #   PYTHON      interpreter whose pip builds the wheelhouse (default python3); its version must be the
 #               base image's. Extra pip options (e.g. PIP_EXTRA_INDEX_URL for CUDA torch wheels) pass through.
 #
-# The wheelhouse (deploy/docker/wheelhouse/, git-ignored) holds deps/ (the project's runtime requirements,
-# rebuilt only when they change) and project/ (the project's own wheel, rebuilt every time).
+# The wheelhouse (deploy/docker/wheelhouse/, git-ignored) holds requirements/ (the project's requirements, read
+# from its wheel), deps/ and extras/ (their wheels, rebuilt only when they change) and project/ (the project's
+# own wheel, rebuilt every time).
 set -euo pipefail
 
 TAG=latest
@@ -59,14 +60,25 @@ out.mkdir(exist_ok=True)
 (out / "ray.txt").write_text("\n".join(ray) + "\n")
 EOF
 
-# Wheels of every requirement (torch comes from the host's pip configuration). Skipped when the
-# requirements are those the deps/ folder was last completed for.
-wanted=$(cat "$WHEELS/requirements/base.txt"; ((RAY)) && cat "$WHEELS/requirements/ray.txt" || true)
-if [[ ! -f $WHEELS/deps/.complete || $(cat "$WHEELS/deps/.complete") != "$wanted" ]]; then
-    rm -f "$WHEELS/deps/.complete"
-    "$PYTHON" -m pip wheel --quiet --wheel-dir "$WHEELS/deps" -r "$WHEELS/requirements/base.txt" \
-        $( ((RAY)) && echo -r "$WHEELS/requirements/ray.txt")
-    echo "$wanted" >"$WHEELS/deps/.complete"
+# Wheels of the requirements (torch comes from the host's pip configuration): deps/ for the base ones,
+# extras/ for the [ray] extra's. Each is rebuilt only when its list changed since it was last completed;
+# extras/ is kept when --ray is not given, so that images with and without it share their cached layers.
+wheels() {  # wheels FOLDER REQUIREMENTS...
+    local folder=$WHEELS/$1 stamp=$WHEELS/.$1.complete wanted requirements=()
+    wanted=$(cat "${@:2}")
+    for file in "${@:2}"; do requirements+=(-r "$file"); done
+    mkdir -p "$folder"
+    if [[ ! -f $stamp || $(cat "$stamp") != "$wanted" ]]; then
+        rm -f "$stamp"
+        "$PYTHON" -m pip wheel --quiet --wheel-dir "$folder" --find-links "$WHEELS/deps" "${requirements[@]}"
+        echo "$wanted" >"$stamp"
+    fi
+}
+wheels deps "$WHEELS/requirements/base.txt"
+if ((RAY)); then
+    wheels extras "$WHEELS/requirements/ray.txt"
+else
+    mkdir -p "$WHEELS/extras"
 fi
 
 # Without the buildx plugin the docker CLI (23+) refuses BuildKit; the Dockerfile works with both builders.
