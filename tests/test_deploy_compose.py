@@ -70,12 +70,13 @@ def build_images() -> str:
     return IMAGE_TAG
 
 
-def demo_assets(cache_dir: Path, out: Path) -> Path:
+def demo_assets(pytestconfig: pytest.Config, out: Path) -> Path:
     """``atkd-demo --prepare-only``: the tiny teacher, student init and text, readable by the containers' user.
-    The demo's own cache (``cache_dir``, kept across runs) makes repeats take seconds."""
+    The demo's own cache, kept in pytest's cache directory across runs, makes repeats take seconds."""
+    cache = pytestconfig.cache.mkdir("atkd-demo") if pytestconfig.cache else out.with_name("atkd-demo-cache")
     demo = Path(sys.executable).with_name("atkd-demo")
     run([str(demo), "--source", "excerpt", "--teacher-steps", "20", "--prepare-only", str(out)], timeout=600,
-        env={"ATKD_CACHE": str(cache_dir)})
+        env={"ATKD_CACHE": str(cache)})
     # Containers run as uid 10001; save_pretrained writes weights as 0600.
     for path in [out, *out.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
@@ -176,7 +177,7 @@ def test_cpu_compose_up(tmp_path, pytestconfig):
     if problem := engine_problem():
         pytest.skip(problem)
     tag = build_images()
-    assets = demo_assets(pytestconfig.cache.mkdir("atkd-demo"), tmp_path / "assets")
+    assets = demo_assets(pytestconfig, tmp_path / "assets")
     token = tmp_path / "token"
     token.write_text("compose-test-token\n")
     token.chmod(0o644)

@@ -516,7 +516,7 @@ def test_cpu_dev_overlay_runs_under_docker(rendered, tmp_path, pytestconfig):
         pytest.skip("materialising volumes with kubelet's ownership needs root")
     objects = rendered["cpu-dev"]
     build_images()
-    assets = demo_assets(pytestconfig.cache.mkdir("atkd-demo"), tmp_path / "assets")
+    assets = demo_assets(pytestconfig, tmp_path / "assets")
     (hostpath,) = {v["hostPath"]["path"] for w in find(objects, "Deployment") + find(objects, "Job")
                    for v in pod_spec(w)["volumes"] if "hostPath" in v}
     replay = Replay(objects, tmp_path / "volumes", {hostpath: assets})
