@@ -34,8 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "deploy" / "k8s"
 OVERLAYS = ("cpu-dev", "gpu")
 NAMESPACE = "atkd"
-#: Oldest Kubernetes the manifests target (native gRPC probes and the batch.kubernetes.io/job-name label are
-#: GA in 1.27; 1.29 is the oldest release still maintained) and the newest that kubernetes-validate knows.
+#: A conservative floor (what the manifests use, native gRPC probes and the batch.kubernetes.io/job-name label
+#: among it, is in every release since 1.27) and the newest release whose schemas kubernetes-validate ships.
 K8S_VERSIONS = ("1.29.0", "1.37.0")
 CUSTOM_KINDS = {"RayService"}  # no schema offline: checked by test_rayservice
 TEACHER = {"app.kubernetes.io/name": "atkd", "app.kubernetes.io/component": "teacher"}
@@ -75,9 +75,10 @@ def pod_spec(workload: dict) -> dict:
 
 def selects(selector: dict, labels: dict) -> bool:
     """A plain label selector (matchLabels, or a Service's map) against a pod's labels."""
-    wanted = selector.get("matchLabels", selector)
-    assert set(selector) <= {"matchLabels"} or "matchLabels" not in selector, "matchExpressions not handled here"
-    return all(labels.get(key) == value for key, value in wanted.items())
+    if "matchLabels" in selector:
+        assert set(selector) == {"matchLabels"}, "matchExpressions are not handled here"
+        selector = selector["matchLabels"]
+    return all(labels.get(key) == value for key, value in selector.items())
 
 
 def flag(args: list[str], name: str) -> str:
