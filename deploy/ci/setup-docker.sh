@@ -18,7 +18,8 @@ engine_answers() { timeout 10 docker info >/dev/null 2>&1; }
 if [[ "${1:-}" == "stop" ]]; then
     if [[ -f "$PIDFILE" ]]; then
         pid=$(cat "$PIDFILE")
-        if kill -0 "$pid" 2>/dev/null; then
+        # Only the dockerd recorded here: a stale file may name a PID reused by another process.
+        if [[ $(cat "/proc/$pid/comm" 2>/dev/null) == dockerd ]]; then
             kill -TERM "$pid"
             for _ in $(seq 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
             say "stopped dockerd (pid $pid)"
