@@ -78,6 +78,8 @@ def export_assets(assets, out: Path) -> None:
     (out / "data").mkdir(parents=True, exist_ok=True)
     (out / "data" / "train.txt").write_text(corpus.train.replace(DOC_SEP, "\n\n"), encoding="utf-8")
     (out / "data" / "eval.txt").write_text(corpus.heldout.replace(DOC_SEP, "\n\n"), encoding="utf-8")
+    for path in [out, *out.rglob("*")]:  # save_pretrained writes 0600 files: a container's non-root user reads them
+        path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 @contextlib.contextmanager
