@@ -114,6 +114,7 @@ def compress(
     *,
     tail_samples: int = 0,
     generator: torch.Generator | None = None,
+    tail_offsets: torch.Tensor | None = None,
     chunk_size: int | None = None,
 ) -> TeacherSignal:
     """Compress teacher logits ``[*P, V]`` into a :class:`TeacherSignal` for targets ``[*P]``.
@@ -124,7 +125,10 @@ def compress(
         target_logprob = log p_g,  uncertainty = sum_{i != g} p_i,
         tail_logprob = log sum_{i not in topk ∪ {g}} p_i,  entropy = -sum_i p_i log p_i.
     Positions whose target is -100 get zeros in target_logprob/uncertainty and a tail outside the
-    top-k only. ``tail_samples`` = m > 0 also draws m tail tokens per position (with replacement).
+    top-k only. ``tail_samples`` = m > 0 also draws m tail tokens per position (systematic sampling, one
+    uniform offset per position): the offsets come from ``generator``, or are given as ``tail_offsets``
+    (``[n]`` uniforms in [0, 1), one per position in order), which makes the samples of a position
+    independent of how positions are batched or chunked.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -167,7 +171,8 @@ def compress(
         out["tail_logprob"].append(tail)
 
         if tail_samples:
-            ids, lps = _sample_tail(masked, logp, tail, tail_samples, generator)
+            offsets = None if tail_offsets is None else tail_offsets[start:start + z.shape[0]]
+            ids, lps = _sample_tail(masked, logp, tail, tail_samples, generator, offsets)
             out["tail_sample_ids"].append(ids)
             out["tail_sample_logprobs"].append(lps)
 
@@ -179,7 +184,7 @@ def compress(
     return TeacherSignal(**fields)
 
 
-def _sample_tail(masked_logits, logp, tail_logprob, m, generator):
+def _sample_tail(masked_logits, logp, tail_logprob, m, generator, offsets=None):
     """Draw m ids per row from softmax(masked_logits) (the tail distribution) with their log p.
 
     Systematic sampling: one uniform offset u per row and the m points (u + j) / m, j < m, on the
@@ -192,9 +197,23 @@ def _sample_tail(masked_logits, logp, tail_logprob, m, generator):
     empty = torch.isneginf(tail_logprob)
     probs = torch.softmax(masked_logits.masked_fill(empty.unsqueeze(1), 0.0), dim=1)
     cdf = probs.cumsum(dim=1)
-    offset = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=probs.dtype)
+    if offsets is None:
+        offset = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=probs.dtype)
+    else:
+        offset = offsets.reshape(-1, 1).to(device=probs.device, dtype=probs.dtype)
     points = (offset + torch.arange(m, device=probs.device, dtype=probs.dtype)) / m * cdf[:, -1:]
     ids = torch.searchsorted(cdf, points, side="right").clamp_(max=probs.shape[1] - 1)
     lps = logp.gather(1, ids)
     ids = ids.masked_fill(empty.unsqueeze(1), 0)
     return ids, lps.masked_fill(empty.unsqueeze(1), 0.0)
+
+
+def concat_signals(parts: list[TeacherSignal]) -> TeacherSignal:
+    """Signals over flat positions ``[n_i]`` back to back: one signal over ``[sum n_i]``."""
+    if len(parts) == 1:
+        return parts[0]
+    fields = {}
+    for field in dataclasses.fields(TeacherSignal):
+        values = [getattr(part, field.name) for part in parts]
+        fields[field.name] = None if values[0] is None else torch.cat(values)
+    return TeacherSignal(**fields)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import pytest
@@ -12,10 +13,23 @@ from atkd.services.teacher.fair_queue import FairQueue
 
 @dataclass(eq=False)
 class Request:
+    """A request of one sequence, or of ``sequences`` (token counts) that may be split between them."""
+
     client: str
     tokens: int
     arrived: float = 0.0
     name: str = ""
+    sequences: tuple[int, ...] = ()
+
+    def prefix_tokens(self, room: int) -> int:
+        fitting = [end for end in itertools.accumulate(self.sequences) if end <= room]
+        return fitting[-1] if fitting else 0
+
+    def take_prefix(self, tokens: int) -> Request:
+        count = list(itertools.accumulate(self.sequences)).index(tokens) + 1
+        part = Request(self.client, tokens, self.arrived, f"{self.name}[:{count}]", self.sequences[:count])
+        self.sequences, self.tokens = self.sequences[count:], self.tokens - tokens
+        return part
 
 
 def queue(**overrides) -> FairQueue[Request]:
@@ -82,3 +96,31 @@ def test_oldest_arrival_is_the_head_that_waited_longest():
     fair.push(Request("b", 1, arrived=3.0))
     fair.push(Request("b", 1, arrived=1.0))  # behind b's head: not a head
     assert fair.oldest_arrival == 3.0
+
+
+def test_a_split_request_fills_the_room_left_and_keeps_its_rest_at_the_head():
+    fair = queue(max_batch_tokens=4096)  # two students of the example config: 16 x 129 = 2064 tokens each
+    for client in ("a", "b"):
+        fair.push(Request(client, 2064, name=client, sequences=(129,) * 16))
+    first = fair.take_batch()
+    assert names(first) == ["a", "b[:15]"] and sum(r.tokens for r in first) == 2064 + 15 * 129
+    assert fair.queued_tokens == 129 and fair.queued_requests == 1 and fair.inflight("b") == 1
+    fair.push(Request("a", 2064, name="a2", sequences=(129,) * 16))
+    second = fair.take_batch()
+    assert names(second) == ["b", "a2"]  # b's last sequence, then a's next request whole
+    assert fair.queued_requests == 0
+
+
+def test_a_request_of_one_sequence_is_never_split():
+    fair = queue(max_batch_tokens=100)
+    fair.push(Request("a", 60, name="a0"))
+    fair.push(Request("b", 60, name="b0", sequences=(60,)))
+    assert names(fair.take_batch()) == ["a0"]
+
+
+def test_with_splitting_off_requests_are_taken_whole():
+    fair = queue(max_batch_tokens=4096, split_requests=False)
+    for client in ("a", "b"):
+        fair.push(Request(client, 2064, name=client, sequences=(129,) * 16))
+    assert names(fair.take_batch()) == ["a"]
+    assert names(fair.take_batch()) == ["b"]

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from atkd.proto import teacher_pb2 as pb
 from atkd.proto.fingerprint import weights_digest
-from atkd.proto.signal import compress
+from atkd.proto.signal import compress, concat_signals
 from atkd.services.teacher.engine import TeacherEngine, resolve_device, resolve_dtype
 from atkd.services.teacher.errors import InvalidArgument
 from atkd.services.teacher.request import Limits, parse_request
@@ -134,3 +134,20 @@ def test_invalid_requests_name_the_field(fields, message):
 def _cat(a, b):
     return type(a)(**{name: torch.cat([getattr(a, name), getattr(b, name)]) for name in (
         "target_logprob", "topk_ids", "topk_logprobs", "tail_logprob", "uncertainty", "entropy")})
+
+
+def test_a_job_split_between_sequences_scores_as_the_whole(tiny_model_dir):
+    """The scheduler may compute a request's sequences in several batches: the parts' signals, back to
+    back, are the whole job's signal, tail samples of a seeded request included."""
+    engine = TeacherEngine.load(tiny_model_dir)
+    whole = job([list(range(1, 30)), list(range(40, 50)), list(range(60, 81))], tail_samples=4, seed=7)
+    assert whole.prefix_tokens(38) == 29 and whole.prefix_tokens(28) == 0 and whole.prefix_tokens(100) == 60
+    first, rest = whole.split(39)
+    assert (first.lengths, rest.lengths) == ((29, 10), (21,)) and first.tokens + rest.tokens == whole.tokens
+    (expected,) = engine.score([whole])
+    got = concat_signals([engine.score([first])[0], *engine.score([rest, job([[5, 6, 7]])])[:1]])
+    assert torch.equal(got.tail_sample_ids, expected.tail_sample_ids)
+    assert torch.equal(got.topk_ids, expected.topk_ids)
+    torch.testing.assert_close(got.target_logprob, expected.target_logprob, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="cannot split"):
+        whole.split(30)

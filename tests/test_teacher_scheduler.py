@@ -23,6 +23,9 @@ class FakeJob:
     def num_positions(self) -> int:
         return self.tokens
 
+    def prefix_tokens(self, room: int) -> int:
+        return 0  # one sequence: never split
+
 
 class FakeEngine:
     """Records the batches it computes (as job names); blocks while ``gate`` is clear; fails on demand."""

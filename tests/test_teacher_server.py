@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from atkd.proto import generate
 from atkd.proto import teacher_pb2 as pb
 from atkd.proto import teacher_pb2_grpc as pb_grpc
+from atkd.proto.codec import decode_signal
 from atkd.proto.fingerprint import tokenizer_fingerprint, weights_digest
 from atkd.proto.metadata import CLIENT_ID_KEY
 from atkd.services.teacher.cli import add_config_flags, parse_config
@@ -381,6 +382,11 @@ def test_cli_reads_yaml_and_flags_override_it(tmp_path, tiny_model_dir):
                            "2.5", "--auth-token-env", "TOKEN"])
     assert (config.model, config.max_batch_tokens, config.port, config.max_wait_ms) == (tiny_model_dir, 2048, 7000, 2.5)
     assert (config.dtype, config.auth_token_env, config.queue_tokens) == ("bfloat16", "TOKEN", 8 * 2048)
+    assert config.split_requests
+    model = ["serve", "--model", str(tiny_model_dir)]
+    assert not parse_config([*model, "--split-requests", "false"]).split_requests  # not bool("false")
+    with pytest.raises(SystemExit):
+        parse_config([*model, "--split-requests", "maybe"])
     parser = argparse.ArgumentParser()
     add_config_flags(parser)
     assert {action.dest for action in parser._actions} - {"help"} == set(TeacherConfig.model_fields)
@@ -403,3 +409,31 @@ def test_sigterm_finishes_in_flight_work_then_exits(tiny_model_dir):
         assert scored.target_logprob.shape == (1, 30) and (scored.target_logprob[0, :29] < 0).all()
         assert teacher.stop() == 0
         assert any("atkd-teacher stopped" in line for line in teacher.log)
+
+
+def test_two_students_each_over_half_the_budget_share_a_batch(serve_teacher, tiny_teacher_engine, tiny_model_dir):
+    """Whole requests of two students of the example config (16 x 129 = 2,064 tokens each; here 17 x 128,
+    the tiny model's context being 128) never fit one batch of the default 4,096 tokens; their sequences do:
+    the batch after a1 takes a2 whole and fills its room with 15 of b1's 17 sequences, and b1 is answered,
+    whole and exact, once its last 2 sequences ran."""
+    gated = GatedEngine(tiny_teacher_engine)
+    gated.gate.clear()
+    server = serve_teacher(gated, max_batch_tokens=TeacherConfig.model_fields["max_batch_tokens"].default)
+    generator = torch.Generator().manual_seed(0)
+    sequences = {name: torch.randint(0, 512, (17, 128), generator=generator).tolist() for name in ("a1", "a2", "b1")}
+    a, a_metadata = stub(server, "a")
+    b, b_metadata = stub(server, "b")
+    first = a.Score.future(request(sequences["a1"], "a1", top_k=8), metadata=a_metadata, timeout=60)
+    wait_until(gated.entered.is_set, what="a1 to compute")
+    second = a.Score.future(request(sequences["a2"], "a2", top_k=8), metadata=a_metadata, timeout=60)
+    third = b.Score.future(request(sequences["b1"], "b1", top_k=8), metadata=b_metadata, timeout=60)
+    wait_until(lambda: server.server.replica.scheduler.queue.queued_requests == 2, what="a2 and b1 to queue")
+    gated.gate.set()
+    responses = [future.result() for future in (first, second, third)]
+    assert [len(job.lengths) for job in gated.computed] == [17, 17, 15, 2]
+    clients = {s.labels["le"]: s.value for f in text_string_to_metric_families(server.http("/metrics")[1])
+               for s in f.samples if s.name == "atkd_teacher_batch_clients_bucket"}
+    assert clients["1.0"] == 2 and clients["2.0"] == 3  # of 3 batches, one held both students
+    batch = ScoreBatch.of(sequences["b1"])
+    signal = batch.unpack(decode_signal(responses[2].signal))
+    assert_matches_reference(signal, batch, reference_signals(tiny_model_dir, sequences["b1"], 8), "fp16")

@@ -28,6 +28,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         if isinstance(kind, types.UnionType):  # X | None
             kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
         options: dict = {"type": kind}
+        if kind is bool:
+            options = {"type": _boolean, "metavar": "{true,false}"}
         if typing.get_origin(kind) is typing.Literal:
             options = {"choices": typing.get_args(kind)}
         if field.is_required():
@@ -36,6 +38,12 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             note = "" if field.default is None else f" (default: {field.default})"
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=argparse.SUPPRESS,
                             help=f"{field.description}{note}", **options)
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("true", "1", "yes")
 
 
 def parse_config(argv: Sequence[str] | None = None) -> TeacherConfig:

@@ -15,7 +15,6 @@ rows of the logits it returns.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from atkd.proto.device import resolve_device
 from atkd.proto.fingerprint import tokenizer_fingerprint, weights_digest
-from atkd.proto.signal import TeacherSignal, compress, rows_per_chunk
+from atkd.proto.signal import TeacherSignal, compress, concat_signals, rows_per_chunk
 
 from .request import ScoreJob
 
@@ -146,16 +145,14 @@ class TeacherEngine:
         """compress() of the scored positions' logits, ``chunk_size`` positions at a time."""
         head = self.model.get_output_embeddings() if self.head_on_hidden else torch.nn.Identity()
         targets = job.targets.to(self.device)
-        generator = None
-        if job.seed is not None and job.tail_samples:
-            generator = torch.Generator(device=self.device).manual_seed(job.seed)
+        offsets = job.tail_offsets
         parts = [
             compress(head(states[start:start + self.chunk_size]), targets[start:start + self.chunk_size],
-                     job.top_k, job.temperature, tail_samples=job.tail_samples, generator=generator,
-                     chunk_size=self.chunk_size)
+                     job.top_k, job.temperature, tail_samples=job.tail_samples, chunk_size=self.chunk_size,
+                     tail_offsets=None if offsets is None else offsets[start:start + self.chunk_size])
             for start in range(0, max(1, job.num_positions), self.chunk_size)  # no positions: one empty chunk
         ]  # fmt: skip
-        return _concat(parts).to("cpu")
+        return concat_signals(parts).to("cpu")
 
     def _head_reproduces_logits(self) -> bool:
         """Whether head(base_model(x)) equals model(x).logits on a probe input."""
@@ -171,12 +168,3 @@ class TeacherEngine:
         return split.shape == logits.shape and torch.allclose(split.float(), logits.float(), rtol=tolerance,
                                                               atol=tolerance)
 
-
-def _concat(parts: list[TeacherSignal]) -> TeacherSignal:
-    if len(parts) == 1:
-        return parts[0]
-    fields = {}
-    for field in dataclasses.fields(TeacherSignal):
-        values = [getattr(part, field.name) for part in parts]
-        fields[field.name] = None if values[0] is None else torch.cat(values)
-    return TeacherSignal(**fields)

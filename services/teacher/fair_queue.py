@@ -9,6 +9,11 @@ light client (one request in flight) takes its turn in the rotation: next to one
 request goes into the batch after the one running when it arrived, however long the heavy client's
 backlog.
 
+Granularity: a request whose sequences can be split (it has ``prefix_tokens`` / ``take_prefix``) and that
+does not fit the room left in a batch gives that room the longest prefix of its whole sequences that fits
+(if its client's deficit allows it) and stays at the head of its queue with the rest. So two students whose
+requests are each a little over half the budget share every batch instead of taking turns at half fill.
+
 Admission (:meth:`FairQueue.admit`): a client may have ``max_inflight_per_client`` requests queued or
 computing, and all clients together ``max_queue_tokens`` queued tokens; beyond that RESOURCE_EXHAUSTED.
 
@@ -19,17 +24,23 @@ due and calls this to decide *what* goes in it; the tests drive it directly.
 from __future__ import annotations
 
 from collections import Counter, deque
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from .errors import ResourceExhausted
 
 
 class Queued(Protocol):
-    """What the queue needs of a request: whose it is, its size in tokens, when it arrived."""
+    """What the queue needs of a request: whose it is, its size in tokens, when it arrived, and how it
+    splits: ``prefix_tokens(room)`` = tokens of its longest prefix of whole sequences within ``room`` (0
+    if none, or if it cannot be split), ``take_prefix(tokens)`` = that part, the request keeping the rest."""
 
     client: str
     tokens: int
     arrived: float
+
+    def prefix_tokens(self, room: int) -> int: ...
+
+    def take_prefix(self, tokens: int) -> Any: ...
 
 
 Item = TypeVar("Item", bound=Queued)
@@ -38,8 +49,10 @@ Item = TypeVar("Item", bound=Queued)
 class FairQueue(Generic[Item]):
     """Per-client FIFO queues served by deficit round-robin in tokens, with admission limits."""
 
-    def __init__(self, *, max_batch_tokens: int, max_queue_tokens: int, max_inflight_per_client: int):
+    def __init__(self, *, max_batch_tokens: int, max_queue_tokens: int, max_inflight_per_client: int,
+                 split_requests: bool = True):
         self.max_batch_tokens = max_batch_tokens
+        self.split_requests = split_requests
         self.max_queue_tokens = max_queue_tokens
         self.max_inflight_per_client = max_inflight_per_client
         self.quantum = max(1, max_batch_tokens // 8)
@@ -94,16 +107,21 @@ class FairQueue(Generic[Item]):
     def inflight(self, client: str) -> int:
         return self._inflight[client]
 
-    def take_batch(self) -> list[Item]:
+    def take_batch(self) -> list:
         """Deficit round-robin over the ring until the batch has no room for the next request due.
-        The taken requests leave their queues but stay in flight until :meth:`finished`."""
-        batch: list[Item] = []
+
+        Returns the requests taken whole (they leave their queues but stay in flight until
+        :meth:`finished`) and at most one part of a request (``take_prefix``'s result; the request keeps
+        the rest at the head of its queue), last, when the batch's remaining room takes a part of it."""
+        batch: list = []
         room = self.max_batch_tokens
         while self._ring:
             client = self._ring[0]
             queue = self._queues[client]
-            tokens = queue[0].tokens
-            if tokens > room:
+            head = queue[0]
+            whole = head.tokens <= room
+            tokens = head.tokens if whole else head.prefix_tokens(room) if self.split_requests else 0
+            if not tokens:
                 break  # full: the visit goes on in the next batch, and nobody is credited ahead of time
             if not self._visiting:
                 self._deficit[client] += self.quantum
@@ -112,11 +130,14 @@ class FairQueue(Generic[Item]):
                 self._ring.rotate(-1)
                 self._visiting = False
                 continue
-            item = queue.popleft()
             self._deficit[client] -= tokens
             room -= tokens
-            self._left_queue(item)
-            batch.append(item)
+            if not whole:  # the room is used up by a prefix of the head; the rest stays queued
+                self.queued_tokens -= tokens
+                batch.append(head.take_prefix(tokens))
+                break
+            self._left_queue(queue.popleft())
+            batch.append(head)
         return batch
 
     def _left_queue(self, item: Item) -> None:
@@ -130,3 +151,4 @@ class FairQueue(Generic[Item]):
                 self._visiting = False
             self._ring.remove(client)
             del self._deficit[client]
+

@@ -30,6 +30,8 @@ class TeacherMetrics:
                                       registry=r)
         self.batch_requests = Histogram("atkd_teacher_batch_requests", "Requests per batch",
                                         buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.batch_clients = Histogram("atkd_teacher_batch_clients", "Clients with work in a batch",
+                                       buckets=(1, 2, 3, 4, 6, 8, 16, 32), registry=r)
         self.batch_fill = Histogram("atkd_teacher_batch_fill_ratio", "Tokens per batch / max_batch_tokens",
                                     buckets=FILL_BUCKETS, registry=r)
         self.forward_seconds = Histogram("atkd_teacher_forward_seconds",

@@ -48,7 +48,7 @@ class Replica:
         self.scheduler = Scheduler(
             engine.score, self.metrics, max_batch_tokens=config.max_batch_tokens,
             max_wait_s=config.max_wait_ms / 1000, max_queue_tokens=config.queue_tokens,
-            max_inflight_per_client=config.max_inflight_per_client,
+            max_inflight_per_client=config.max_inflight_per_client, split_requests=config.split_requests,
         )  # fmt: skip
         self.servicer = TeacherServicer(self.info, self.limits, self.scheduler, self.metrics)
 

@@ -8,6 +8,7 @@ team of its own for it that competes with the forward's (milliseconds per reques
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -39,6 +40,9 @@ class ScoreJob:
     ``token_ids [total]`` holds the sequences back to back (``lengths``, S ints). Scored position j
     is position ``cols[j]`` of sequence ``rows[j]``, with target ``targets[j]`` (the next token);
     they are ordered sequence by sequence, position ascending, as the response lists them.
+    ``tail_offsets [n]``: the uniforms of the tail sampling, one per scored position, drawn from the
+    request's seed when it has one (None: the engine draws them), so that a job's signal does not depend
+    on how it is split into batches.
     """
 
     token_ids: torch.Tensor
@@ -50,6 +54,7 @@ class ScoreJob:
     temperature: float
     tail_samples: int
     seed: int | None
+    tail_offsets: torch.Tensor | None = None
 
     @property
     def tokens(self) -> int:
@@ -58,6 +63,28 @@ class ScoreJob:
     @property
     def num_positions(self) -> int:
         return self.targets.numel()
+
+    def prefix_tokens(self, max_tokens: int) -> int:
+        """Tokens of the longest prefix of whole sequences that fits ``max_tokens`` (0: not even the first)."""
+        fitting = np.flatnonzero(np.cumsum(self.lengths) <= max_tokens)
+        return 0 if fitting.size == 0 else int(np.cumsum(self.lengths)[fitting[-1]])
+
+    def split(self, tokens: int) -> tuple[ScoreJob, ScoreJob]:
+        """(the first sequences, holding ``tokens`` tokens; the rest), both jobs of their own whose signals,
+        concatenated, are this job's signal. ``tokens`` must end at a sequence boundary, strictly inside."""
+        ends = np.cumsum(self.lengths)
+        count = int(np.searchsorted(ends, tokens)) + 1
+        if not 0 < count < len(self.lengths) or ends[count - 1] != tokens:
+            raise ValueError(f"cannot split a job of sequences {self.lengths} after {tokens} tokens")
+        head = int(np.searchsorted(self.rows.numpy(), count))  # scored positions of the first sequences
+        offsets = (None, None) if self.tail_offsets is None else (self.tail_offsets[:head], self.tail_offsets[head:])
+        first = dataclasses.replace(self, token_ids=self.token_ids[:tokens], lengths=self.lengths[:count],
+                                    rows=self.rows[:head], cols=self.cols[:head], targets=self.targets[:head],
+                                    tail_offsets=offsets[0])
+        rest = dataclasses.replace(self, token_ids=self.token_ids[tokens:], lengths=self.lengths[count:],
+                                   rows=self.rows[head:] - count, cols=self.cols[head:], targets=self.targets[head:],
+                                   tail_offsets=offsets[1])
+        return first, rest
 
 
 def parse_request(request: pb.ScoreRequest, limits: Limits) -> tuple[ScoreJob, str]:
@@ -87,10 +114,14 @@ def parse_request(request: pb.ScoreRequest, limits: Limits) -> tuple[ScoreJob, s
                               f"{limits.max_tail_samples}")
 
     rows, cols, flat = scored_positions(lengths, request.score_mask)
+    seed = request.seed if request.HasField("seed") else None
+    offsets = None
+    if seed is not None and request.tail_samples:
+        offsets = torch.rand(rows.size, generator=torch.Generator().manual_seed(seed))
     job = ScoreJob(
         token_ids=torch.from_numpy(ids), lengths=lengths, rows=torch.from_numpy(rows), cols=torch.from_numpy(cols),
         targets=torch.from_numpy(ids[flat + 1]), top_k=request.top_k, temperature=temperature,
-        tail_samples=request.tail_samples, seed=request.seed if request.HasField("seed") else None,
+        tail_samples=request.tail_samples, seed=seed, tail_offsets=offsets,
     )  # fmt: skip
     return job, codec
 

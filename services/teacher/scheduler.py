@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from atkd.proto.signal import TeacherSignal
+from atkd.proto.signal import TeacherSignal, concat_signals
 
 from .errors import DeadlineExceeded, ServiceError, Unavailable
 from .fair_queue import FairQueue
@@ -47,15 +47,37 @@ class Scored:
 
 @dataclass(eq=False)
 class _Pending:
+    """A request: ``job`` is what is still queued of it (all of it until a batch takes a prefix)."""
+
     client: str
     job: ScoreJob
     future: asyncio.Future[Scored]
     arrived: float
     expiry: asyncio.TimerHandle | None = field(default=None, repr=False)
+    started: float | None = None  # when its first part's batch started
+    signals: list[TeacherSignal] = field(default_factory=list, repr=False)  # of its parts computed so far
+    compute_s: float = 0.0
 
     @property
     def tokens(self) -> int:
         return self.job.tokens
+
+    def prefix_tokens(self, room: int) -> int:
+        return self.job.prefix_tokens(room)
+
+    def take_prefix(self, tokens: int) -> _Part:
+        """Split off the first sequences (``tokens`` tokens) for a batch; the rest stays queued."""
+        first, self.job = self.job.split(tokens)
+        return _Part(self, first, last=False)
+
+
+@dataclass(eq=False)
+class _Part:
+    """What a batch computes of a request: all of it, or a prefix of its sequences (``last`` is False)."""
+
+    request: _Pending
+    job: ScoreJob
+    last: bool
 
 
 class Scheduler:
@@ -70,6 +92,7 @@ class Scheduler:
         max_wait_s: float,
         max_queue_tokens: int,
         max_inflight_per_client: int,
+        split_requests: bool = True,
     ):
         self._compute = compute
         self._metrics = metrics
@@ -77,7 +100,8 @@ class Scheduler:
         self.max_wait_s = max_wait_s
         self.queue: FairQueue[_Pending] = FairQueue(max_batch_tokens=max_batch_tokens,
                                                     max_queue_tokens=max_queue_tokens,
-                                                    max_inflight_per_client=max_inflight_per_client)
+                                                    max_inflight_per_client=max_inflight_per_client,
+                                                    split_requests=split_requests)
         self._computing = False
         self._closing = False
         self._wake = asyncio.Event()
@@ -167,43 +191,53 @@ class Scheduler:
             except TimeoutError:
                 pass
 
-    def _take_batch(self) -> list[_Pending]:
-        """The fair queue's next batch, less requests cancelled or expired since (their done callbacks,
-        which take them out of the queue, may not have run yet)."""
-        batch = self.queue.take_batch()
-        for pending in batch:
-            if pending.expiry is not None:
-                pending.expiry.cancel()
-        return [pending for pending in batch if not pending.future.done()]
+    def _take_batch(self) -> list[_Part]:
+        """The fair queue's next batch as parts (a request taken whole is its last part), less requests
+        cancelled or expired since (their done callbacks, which take them out of the queue, may not have
+        run yet). A request whose first part is taken no longer expires."""
+        batch = [entry if isinstance(entry, _Part) else _Part(entry, entry.job, last=True)
+                 for entry in self.queue.take_batch()]
+        for part in batch:
+            if part.request.expiry is not None:
+                part.request.expiry.cancel()
+        return [part for part in batch if not part.request.future.done()]
 
-    async def _run_batch(self, batch: list[_Pending]) -> None:
+    async def _run_batch(self, batch: list[_Part]) -> None:
         loop = asyncio.get_running_loop()
-        jobs = [pending.job for pending in batch]
+        jobs = [part.job for part in batch]
         tokens = sum(job.tokens for job in jobs)
         started = loop.time()
         self._computing = True
-        for pending in batch:
-            self._metrics.queue_seconds.observe(started - pending.arrived)
+        for part in batch:
+            if part.request.started is None:
+                part.request.started = started
+                self._metrics.queue_seconds.observe(started - part.request.arrived)
         self._metrics.batch_tokens.observe(tokens)
         self._metrics.batch_requests.observe(len(batch))
+        self._metrics.batch_clients.observe(len({part.request.client for part in batch}))
         self._metrics.batch_fill.observe(tokens / self.max_batch_tokens)
         try:
             signals = await loop.run_in_executor(self._executor, self._compute, jobs)
         except Exception as error:  # an engine failure fails this batch, not the server
             log.exception("teacher engine failed on a batch of %d requests", len(batch))
             failure = ServiceError(f"the teacher engine failed: {type(error).__name__}: {error}")
-            for pending in batch:
-                if not pending.future.done():
-                    pending.future.set_exception(failure)
+            for part in batch:
+                if not part.request.future.done():
+                    part.request.future.set_exception(failure)
         else:
             compute_s = loop.time() - started
             self._metrics.forward_seconds.observe(compute_s)
             self._metrics.tokens.inc(tokens)
             self._metrics.positions.inc(sum(job.num_positions for job in jobs))
-            for pending, signal in zip(batch, signals, strict=True):
-                self._metrics.client_tokens.labels(pending.client).inc(pending.job.tokens)
-                if not pending.future.done():
-                    pending.future.set_result(Scored(signal, started - pending.arrived, compute_s, tokens))
+            for part, signal in zip(batch, signals, strict=True):
+                request = part.request
+                self._metrics.client_tokens.labels(request.client).inc(part.job.tokens)
+                request.signals.append(signal)
+                request.compute_s += compute_s
+                if part.last and not request.future.done():
+                    whole = request.signals[0] if len(request.signals) == 1 else concat_signals(request.signals)
+                    request.future.set_result(Scored(whole, request.started - request.arrived, request.compute_s,
+                                                     tokens))
         finally:
             self._computing = False
             self._update_idle()
