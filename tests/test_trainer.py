@@ -216,11 +216,13 @@ def test_a_tokenizer_mismatch_fails_before_the_first_step(tmp_path, corpus, othe
 @pytest.mark.slow
 def test_sigterm_stops_at_a_step_boundary_and_resume_matches_an_uninterrupted_run(tmp_path, corpus,
                                                                                   tiny_model_factory, tiny_model_dir):
-    """A real preemption: the CLI in a subprocess gets SIGTERM at an arbitrary step, and resumes."""
+    """A real preemption: the CLI in a subprocess gets SIGTERM at an arbitrary step, and resumes. Both runs
+    use the same number of torch threads (bit-identical float sums need the same reduction order; this
+    process's count may have been changed by an earlier in-process run)."""
     teacher = {"mode": "local", "model": str(tiny_model_dir), "top_k": 16, "tail_samples": 4}
     student = tiny_model_factory("gpt2")
-    straight = train(run_config(tmp_path / "a", corpus, student, teacher, max_steps=60, save_every=0))
-    config = run_config(tmp_path / "b", corpus, student, teacher, max_steps=60, save_every=0)
+    straight = train(run_config(tmp_path / "a", corpus, student, teacher, max_steps=60, save_every=0, threads=2))
+    config = run_config(tmp_path / "b", corpus, student, teacher, max_steps=60, save_every=0, threads=2)
     config_file = tmp_path / "b" / "run.json"
     config_file.write_text(config.model_dump_json())
     command = [sys.executable, "-m", "atkd.student.trainer.cli", "train", "--config", str(config_file)]

@@ -124,7 +124,9 @@ def main(argv=None) -> None:
             describe("student before training", student_init, evaluate_lm(student_init, heldout))]
     train_data = PackedText(assets.train_ids, args.seq_len)
     eval_data = PackedText(assets.heldout_ids, 128)  # the windows of `heldout`, batch for batch
-    with open_teacher(args, assets) as teacher_config:
+    threads = torch.get_num_threads()  # the job sets this process's count: give it back afterwards
+    with open_teacher(args, assets) as teacher_config, contextlib.ExitStack() as restore:
+        restore.callback(torch.set_num_threads, threads)
         for name in losses:
             config = TrainConfig(
                 student=assets.student_init_dir, output_dir=args.output_dir / name,
