@@ -210,5 +210,7 @@ def test_without_matplotlib_the_cli_names_the_extra_in_one_line(tmp_path, capsys
     with pytest.raises(SystemExit) as exit_info:
         main(["report", str(run), "--out", str(tmp_path / "out")])
     assert exit_info.value.code == 1
-    assert capsys.readouterr().err == (
-        "atkd-student report needs matplotlib, which is not installed: pip install 'atkd-distill[report]'\n")
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.endswith("\n")
+    assert error.startswith("atkd-student report needs matplotlib, which is not installed: ")
+    assert "pip install 'atkd-distill[report]'" in error

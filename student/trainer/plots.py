@@ -17,7 +17,7 @@ from pathlib import Path
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import PercentFormatter
+from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 from .runs import Run
 
@@ -126,6 +126,7 @@ def _draw_panel(axes, panel: Panel, runs: Sequence[Run], colours: Sequence) -> N
                 values_shown.extend(values)
     axes.set_title(panel.title)
     axes.set_xlabel("step")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_ylabel(panel.ylabel)
     axes.grid(alpha=0.3)
     low, high = min(values_shown, default=0.0), max(values_shown, default=0.0)

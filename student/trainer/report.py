@@ -23,7 +23,8 @@ from .runs import Run, Summary, read_runs, summarize
 
 SUMMARY_FILE = "report.md"
 MISSING = "–"
-MISSING_MATPLOTLIB = "atkd-student report needs matplotlib, which is not installed: pip install 'atkd-distill[report]'"
+MISSING_MATPLOTLIB = ("atkd-student report needs matplotlib, which is not installed: "
+                      "pip install 'atkd-distill[report]' (in a checkout: pip install -e '.[report]')")
 
 
 class MissingExtraError(ImportError):
