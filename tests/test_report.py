@@ -144,6 +144,8 @@ def test_summary_weighs_each_record_by_the_steps_and_tokens_it_covers(tmp_path):
 
 def test_a_run_without_eval_or_atkd_fields_gets_the_plots_it_has_and_dashes(tmp_path):
     run = write_run(tmp_path / "sft", [train_record(1), train_record(2)], loss="sft")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "eval.png").write_bytes(b"an earlier report's")
     report = write_report([run], tmp_path / "out")
     assert [plot.path.name for plot in report.plots] == ["loss.png", "speed.png"]
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["loss.png", "report.md", "speed.png"]

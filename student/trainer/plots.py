@@ -105,13 +105,17 @@ def draw(plot: Plot, runs: Sequence[Run], colours: Sequence | None = None) -> Fi
 
 
 def write_plots(runs: Sequence[Run], out_dir: Path) -> dict[str, Path]:
-    """``<out_dir>/<plot>.png`` of each plot of :data:`PLOTS` that has data; ``{plot name: path}``."""
+    """``<out_dir>/<plot>.png`` of each plot of :data:`PLOTS` that has data; ``{plot name: path}``. The PNG of
+    a plot without data is removed, so that none left by an earlier report passes for these runs'."""
     written, colours = {}, run_colours(len(runs))
     for plot in PLOTS:
+        path = Path(out_dir) / f"{plot.name}.png"
         figure = draw(plot, runs, colours)
-        if figure is not None:
-            written[plot.name] = Path(out_dir) / f"{plot.name}.png"
-            figure.savefig(written[plot.name])
+        if figure is None:
+            path.unlink(missing_ok=True)
+        else:
+            figure.savefig(path)
+            written[plot.name] = path
     return written
 
 

@@ -42,6 +42,8 @@ class PlotFile:
 
 @dataclass
 class Report:
+    """What :func:`write_report` wrote: ``report.md``, the plots, and the runs as read."""
+
     summary: Path
     plots: list[PlotFile]
     runs: list[Run]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,18 +87,19 @@ def read_runs(directories: Sequence[Path | str]) -> list[Run]:
 def label_runs(runs: Sequence[Run]) -> list[str]:
     """A unique label per run: its directory's name; where names clash, the loss of ``config.json``; where
     those clash too, the directory's last two path parts, then the path as given, then a number."""
-    labels = [run.directory.name or str(run.directory) for run in runs]
+    paths = [Path(os.path.abspath(run.directory)) for run in runs]  # `.` and `../x` have names too
+    labels = [path.name or str(path) for path in paths]
     fallbacks = [
-        lambda run: run.loss_name,
-        lambda run: "/".join(run.directory.parts[-2:]),
-        lambda run: str(run.directory),
+        lambda i: runs[i].loss_name,
+        lambda i: "/".join(paths[i].parts[-2:]),
+        lambda i: str(runs[i].directory),
     ]
     for fallback in fallbacks:
         clashing = _clashing(labels)
         if not clashing:
             return labels
         for i in clashing:
-            labels[i] = fallback(runs[i]) or labels[i]
+            labels[i] = fallback(i) or labels[i]
     seen: dict[str, int] = {}
     for i in _clashing(labels):
         seen[labels[i]] = seen.get(labels[i], 0) + 1
