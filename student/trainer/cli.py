@@ -28,6 +28,7 @@ from atkd.student.evaluation import evaluation_report
 from atkd.student.models import load_model
 from atkd.student.teachers import CacheManifest, CacheMismatchError, export_signals
 
+from . import report
 from .config import TrainConfig, describe_fields, load_config
 from .loop import FINAL_DIR, train
 from .parts import build_teacher, load_examples, load_tokenizer, teacher_identity
@@ -54,9 +55,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                                  epilog=epilog, formatter_class=fields)
     export.add_argument("--out", type=Path, required=True, help="cache directory to write")
     export.add_argument("--shard-size", type=int, default=1024, help="examples per shard file")
+    report.add_parser(commands)
     for command in (run, evaluate_cmd, export):
         command.add_argument("--config", type=Path, help="YAML file of the TrainConfig")
     args, overrides = parser.parse_known_args(argv)
+    if args.command == "report":
+        return report.main(args, overrides, parser)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     hf_logging.disable_progress_bar()

@@ -71,7 +71,9 @@ class LogWindow:
 class MetricsLog:
     """``metrics.jsonl``: one JSON object per line with ``kind`` (train / eval) and ``step``; on resume, the
     records after the checkpoint's step are dropped, so the log reads as one uninterrupted run. Also
-    writes TensorBoard scalars when ``tensorboard`` is installed."""
+    writes TensorBoard scalars (``<kind>/<key>``, in ``tensorboard/`` beside the file) when ``tensorboard``
+    is installed; their event files cannot be cut, so a new writer tells TensorBoard to hide the earlier
+    files' events after the checkpoint's step (``purge_step``) instead."""
 
     def __init__(self, path: Path, keep_until: int, enabled: bool = True):
         self.enabled = enabled
@@ -87,7 +89,7 @@ class MetricsLog:
         with contextlib.suppress(ImportError):
             from torch.utils.tensorboard import SummaryWriter
 
-            self._board = SummaryWriter(path.parent / "tensorboard")
+            self._board = SummaryWriter(path.parent / "tensorboard", purge_step=keep_until + 1)
 
     def write(self, kind: str, record: dict) -> None:
         if not self.enabled:
