@@ -1,4 +1,5 @@
-"""The torch threads of a training process when ``threads`` is unset: the free cores, shared by the ranks."""
+"""The torch threads of a training process when ``threads`` is unset: the cores less one for a teacher server
+here, shared by the ranks here; a warning when the load average says other processes are busy."""
 
 from __future__ import annotations
 
@@ -14,26 +15,34 @@ from tests.test_trainer import run_config
 
 
 @pytest.mark.parametrize("machine, threads", [
-    (Machine(cores=2), 2),                                   # an idle machine: every core
-    (Machine(cores=2, teacher_here=True), 1),                # a teacher server on one of two cores
-    (Machine(cores=2, load=1.4, teacher_here=True), 1),      # ... already counted in the load
-    (Machine(cores=2, load=5.0), 1),                         # overloaded: still one
-    (Machine(cores=16, load=3.4, ranks_here=2), 6),          # 13 free cores for 2 ranks
-    (Machine(cores=16, load=0.2, teacher_here=True, ranks_here=4), 3),
+    (Machine(cores=2), 2),                                         # the machine to itself: every core
+    (Machine(cores=2, teacher_here=True), 1),                      # a teacher server on one of two cores
+    (Machine(cores=1, teacher_here=True), 1),                      # never fewer than one
+    (Machine(cores=16, ranks_here=2), 8),                          # two ranks share the cores
+    (Machine(cores=16, teacher_here=True, ranks_here=4), 3),
+    (Machine(cores=2, load=5.0), 2),                               # the load does not change the choice ...
 ])  # fmt: skip
-def test_threads_are_the_free_cores_shared_by_the_ranks(machine, threads):
+def test_threads_are_the_cores_left_by_a_teacher_server_shared_by_the_ranks(machine, threads):
     assert choose_threads(machine) == threads
 
 
-def test_a_configured_count_is_kept_and_warned_about_when_it_oversubscribes():
-    busy = Machine(cores=2, load=0.3, teacher_here=True)
-    threads, message, warn = plan_threads(2, busy)
-    assert (threads, warn) == (2, True)
-    assert message.startswith("threads=2 is more than this rank's 1 (1 of 2 cores free (load 0.3, a teacher server")
-    assert message.endswith("threads=1 avoids it")
-    assert plan_threads(1, busy)[::2] == (1, False)
+def test_a_busy_machine_is_warned_about_with_the_count_that_fits():
+    busy = Machine(cores=2, load=1.2)  # ... but another process keeps one of the two cores busy
     threads, message, warn = plan_threads(None, busy)
-    assert (threads, warn) == (1, False) and message.startswith("threads unset: 1 torch thread per rank")
+    assert (threads, warn) == (2, True)
+    assert message == ("threads unset: 2 torch threads per rank (2 cores, 1 rank here); set threads to choose; but "
+                       "the load average (1.2) says other processes keep only 1 of the cores free: torch threads "
+                       "that compete for cores make steps several times slower, set threads=1 while they run")
+    assert plan_threads(1, busy) == (1, "threads=1 (2 cores, 1 rank here)", False)
+    assert plan_threads(4, Machine(cores=16, load=9.6, ranks_here=2))[::2] == (4, True)  # 6 free: 3 per rank
+    assert plan_threads(3, Machine(cores=16, load=9.6, ranks_here=2))[::2] == (3, False)
+
+
+def test_a_teacher_server_here_is_counted_once_in_the_load():
+    threads, message, warn = plan_threads(None, Machine(cores=2, load=1.3, teacher_here=True))
+    assert (threads, warn) == (1, False)
+    assert message == ("threads unset: 1 torch thread per rank (2 cores, less one for the teacher server on this "
+                       "machine, 1 rank here); set threads to choose")
 
 
 @pytest.mark.parametrize("address, here", [
@@ -47,15 +56,15 @@ def test_a_teacher_address_on_this_machine_is_recognised(address, here):
 
 def test_train_uses_the_choice_and_restores_torchs_threads(tmp_path, corpus, tiny_model_factory, monkeypatch, caplog):
     seen = []
-    three_cores = Machine(cores=3, teacher_here=True)
+    three_cores = Machine(cores=3)  # not this machine's count, so the choice is seen to come from it
     monkeypatch.setattr(loop.Machine, "here", classmethod(lambda cls, addresses=(): three_cores))
     monkeypatch.setattr(loop, "get_loss", lambda name, **options: _recording(seen, LOSSES[name]))
     before = torch.get_num_threads()
     config = run_config(tmp_path, corpus, tiny_model_factory("gpt2"), None, max_steps=1, **{"loss.name": "sft"})
     with caplog.at_level(logging.INFO, logger="atkd.student.trainer.loop"):
-        train_result = loop.train(config)
-    assert train_result.state.step == 1 and seen == [2]  # 3 cores, one taken by the teacher server
-    assert "threads unset: 2 torch threads per rank (2 of 3 cores free" in caplog.text
+        result = loop.train(config)
+    assert result.state.step == 1 and seen == [3]
+    assert "threads unset: 3 torch threads per rank (3 cores, 1 rank here)" in caplog.text
     assert torch.get_num_threads() == before
 
 

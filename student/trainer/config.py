@@ -113,8 +113,8 @@ class TrainConfig(Section):
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept on disk (the newest)")
     log_every: int = Field(1, ge=1, description="write metrics every N steps")
     device: str = Field("auto", description="student device: cpu, cuda, cuda:1 (auto: cuda if available)")
-    threads: int | None = Field(None, ge=1, description="torch intra-op threads per rank (default: the free cores, "
-                                                        "see atkd.student.trainer.threads)")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads per rank (default: the cores less "
+                                                        "one for a teacher server here, shared by the ranks here)")
     progress: bool = Field(True, description="show a progress bar")
 
     @field_validator("max_time", mode="before")
