@@ -8,14 +8,16 @@
   response to each prompt by its ROUGE-L F1 against the reference response, averaged and reported in
   percent.
 - :func:`evaluation_report`: both, as ``atkd-student eval`` prints them (generation for instruction
-  data only).
+  data only), and each generation with its prompt, reference and score in a JSONL file if asked.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -135,7 +137,8 @@ def evaluate_generation(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
                         references: list[str], max_new_tokens: int = 64, batch_size: int = 8) -> dict:
     """Greedy responses to ``prompts`` scored against ``references``.
 
-    Returns ``{"rouge_l": 100 * mean ROUGE-L F1, "examples": n, "generations": [str] * n}``.
+    Returns ``{"rouge_l": 100 * mean ROUGE-L F1, "examples": n, "generations": [str] * n,
+    "scores": [100 * ROUGE-L F1] * n}``.
     """
     if len(prompts) != len(references):
         raise ValueError(f"{len(prompts)} prompts but {len(references)} references")
@@ -145,15 +148,17 @@ def evaluate_generation(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
         "rouge_l": 100 * sum(scores) / len(scores) if scores else 0.0,
         "examples": len(scores),
         "generations": generations,
+        "scores": [100 * score for score in scores],
     }
 
 
 def evaluation_report(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: Examples, *,
                       batch_size: int, max_batches: int | None = None, max_new_tokens: int = 64,
-                      max_generations: int = 200) -> dict:
+                      max_generations: int = 200, samples_path: Path | None = None) -> dict:
     """``{"perplexity", "accuracy", "tokens"}`` of :func:`evaluate_examples`; for :class:`InstructionData`
     also ``"rouge_l"`` and ``"generated"`` (the number of prompts) of :func:`evaluate_generation` on its
-    first ``max_generations`` prompts."""
+    first ``max_generations`` prompts and, with ``samples_path``, ``"samples"``: that path, where one JSON
+    line per prompt holds ``prompt``, ``reference``, ``generation`` and its ``rouge_l``."""
     report = asdict(evaluate_examples(model, examples, batch_size, max_batches))
     if isinstance(examples, InstructionData):
         count = min(max_generations, len(examples.prompts))
@@ -161,4 +166,18 @@ def evaluation_report(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
                                         max_new_tokens=max_new_tokens, batch_size=batch_size)
         report["rouge_l"] = generated["rouge_l"]
         report["generated"] = generated["examples"]
+        if samples_path is not None:
+            write_samples(samples_path, zip(examples.prompts, examples.responses, generated["generations"],
+                                            generated["scores"], strict=False))
+            report["samples"] = str(samples_path)
     return report
+
+
+def write_samples(path: Path, rows: Iterable[tuple[str, str, str, float]]) -> None:
+    """One JSON line ``{"prompt", "reference", "generation", "rouge_l"}`` per row, to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as handle:
+        for prompt, reference, generation, score in rows:
+            record = {"prompt": prompt, "reference": reference, "generation": generation, "rouge_l": score}
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")

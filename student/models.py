@@ -18,8 +18,10 @@ from transformers import (
     OPTConfig,
     PretrainedConfig,
     PreTrainedModel,
+    PreTrainedTokenizerBase,
 )
 
+from atkd.proto.model_id import MODEL_ID_KEY
 from atkd.student.data.tokenizer import EOS_ID, PAD_ID
 
 FAMILIES = ("gpt2", "opt", "gpt_neox", "llama")
@@ -84,9 +86,16 @@ def build_model(family: str, vocab_size: int, size_or_dims: str | dict, seed: in
         return AutoModelForCausalLM.from_config(config)
 
 
-def save_model(model: PreTrainedModel, directory: Path) -> None:
-    """Write config and safetensors weights to ``directory``."""
+def save_model(model: PreTrainedModel, directory: Path, *, tokenizer: PreTrainedTokenizerBase | None = None,
+               model_id: str | None = None) -> None:
+    """Write config and safetensors weights to ``directory``; with ``tokenizer``, its files too (a complete
+    model directory, what ``atkd-teacher serve --model`` and a training config's ``student:`` load), and with
+    ``model_id``, the id a teacher serving it publishes (:mod:`atkd.proto.model_id`)."""
+    if model_id is not None:
+        setattr(model.config, MODEL_ID_KEY, model_id)
     model.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
 
 
 def load_model(directory: Path, dtype: torch.dtype | None = None, device: str = "cpu") -> PreTrainedModel:

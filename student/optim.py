@@ -50,3 +50,22 @@ def make_optimizer(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: cosine_with_warmup(s, steps, optim.warmup, optim.min_lr_ratio))
     return optimizer, schedule
+
+
+def schedule_change(step: int, old_steps: int, new_steps: int, optim: OptimConfig) -> str | None:
+    """What resuming at ``step`` a run scheduled over ``old_steps`` with ``new_steps`` does to the learning
+    rate, in words (None when the length is unchanged): the schedule is a function of the total, so the
+    cosine is redrawn over the new length and the next step's rate jumps."""
+    if old_steps == new_steps:
+        return None
+    if step >= new_steps:
+        return (f"resuming at step {step} of a run scheduled over {old_steps} steps with {new_steps} steps: "
+                "nothing is left to train; the model as it is becomes the final one")
+
+    def rate(steps: int) -> float:
+        return optim.lr * cosine_with_warmup(step, steps, optim.warmup, optim.min_lr_ratio)
+
+    return (f"resuming at step {step} of a run scheduled over {old_steps} steps with {new_steps} steps: the "
+            f"cosine is redrawn over {new_steps} steps, so the next step's learning rate is {rate(new_steps):.3g} "
+            f"instead of {rate(old_steps):.3g}, and it decays to {optim.lr * optim.min_lr_ratio:.3g} at step "
+            f"{new_steps}")

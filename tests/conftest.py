@@ -29,6 +29,16 @@ def excerpt_paragraphs() -> list[str]:
 
 
 @pytest.fixture(scope="session")
+def corpus(tmp_path_factory, excerpt_paragraphs) -> dict[str, Path]:
+    """train.txt (90% of the excerpt's paragraphs) and eval.txt (the rest)."""
+    root = tmp_path_factory.mktemp("corpus")
+    cut = int(0.9 * len(excerpt_paragraphs))
+    (root / "train.txt").write_text("\n\n".join(excerpt_paragraphs[:cut]))
+    (root / "eval.txt").write_text("\n\n".join(excerpt_paragraphs[cut:]))
+    return {"train": root / "train.txt", "eval": root / "eval.txt"}
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory, excerpt_paragraphs) -> PreTrainedTokenizerFast:
     """Byte-level BPE of :data:`TINY_VOCAB` ids trained on the Shakespeare excerpt."""
     return train_tokenizer(excerpt_paragraphs, TINY_VOCAB, tmp_path_factory.mktemp("tiny_tokenizer"))

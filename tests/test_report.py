@@ -15,7 +15,7 @@ from atkd.student.trainer.loop import train
 from atkd.student.trainer.plots import PLOTS, draw
 from atkd.student.trainer.report import MISSING, write_report
 from atkd.student.trainer.runs import read_run, read_runs, summarize
-from tests.test_trainer import corpus, run_config  # noqa: F401 (corpus is a fixture)
+from tests.test_trainer import run_config
 
 PLOT = {plot.name: plot for plot in PLOTS}
 

@@ -27,16 +27,6 @@ from atkd.student.trainer.parts import build_teacher, load_examples, load_tokeni
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory, excerpt_paragraphs) -> dict[str, Path]:
-    """train.txt (90% of the excerpt's paragraphs) and eval.txt (the rest)."""
-    root = tmp_path_factory.mktemp("corpus")
-    cut = int(0.9 * len(excerpt_paragraphs))
-    (root / "train.txt").write_text("\n\n".join(excerpt_paragraphs[:cut]))
-    (root / "eval.txt").write_text("\n\n".join(excerpt_paragraphs[cut:]))
-    return {"train": root / "train.txt", "eval": root / "eval.txt"}
-
-
 def run_config(tmp_path: Path, corpus, student_dir: Path, teacher: dict, **overrides):
     """A small job: GPT-2 student, 32-token windows, 4 per batch; ``overrides`` as dotted CLI flags."""
     values = {

@@ -10,7 +10,7 @@ import pytest
 
 from atkd.student.trainer.checkpoint import list_checkpoints
 from atkd.student.trainer.loop import train
-from tests.test_trainer import corpus, run_config  # noqa: F401 (corpus is a fixture)
+from tests.test_trainer import run_config
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator",
                                         reason="needs the tensorboard extra: pip install 'atkd-distill[tensorboard]'")

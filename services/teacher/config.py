@@ -16,7 +16,8 @@ class TeacherConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: Path = Field(description="directory of a Hugging Face causal LM (config.json, weights, tokenizer)")
-    model_id: str | None = Field(None, description="name published in Info (default: the directory's name)")
+    model_id: str | None = Field(None, description="name published in Info (default: the id atkd-student saved in "
+                                                       "config.json, else the directory's name)")
     revision: str | None = Field(None, description="revision published in Info (default: sha256 of the weights)")
     host: str = Field("127.0.0.1", description="address to bind (0.0.0.0 or :: for every interface)")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0: any free port)")

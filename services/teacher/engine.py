@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from atkd.proto.device import resolve_device
 from atkd.proto.fingerprint import tokenizer_fingerprint, weights_digest
+from atkd.proto.model_id import saved_model_id
 from atkd.proto.signal import TeacherSignal, compress, concat_signals, rows_per_chunk
 
 from .request import ScoreJob
@@ -101,7 +102,7 @@ class TeacherEngine:
             directory, dtype=resolve_dtype(dtype, torch_device), local_files_only=True)
         return cls(
             model.to(torch_device),
-            model_id=model_id or directory.resolve().name,
+            model_id=model_id or saved_model_id(directory),
             revision=revision or weights_digest(directory),
             tokenizer_hash=directory_tokenizer_hash(directory),
             max_seq_len=max_seq_len,

@@ -85,7 +85,7 @@ class PackedText(Examples):
     def from_files(cls, paths: Sequence[Path], tokenizer: PreTrainedTokenizerBase, seq_len: int) -> PackedText:
         """Every text file in ``paths`` (a file, or a directory of ``*.txt`` in sorted order) is one
         document; paragraphs separated by :data:`~atkd.student.data.corpus.DOC_SEP` are documents too."""
-        texts = [file.read_text(encoding="utf-8") for file in _text_files(paths)]
+        texts = [file.read_text(encoding="utf-8") for file in text_files(paths)]
         return cls(encode_corpus(DOC_SEP.join(texts), tokenizer), seq_len)
 
 
@@ -133,7 +133,8 @@ class InstructionData(Examples):
         return cls(records, tokenizer, seq_len, **fields)
 
 
-def _text_files(paths: Sequence[Path]) -> list[Path]:
+def text_files(paths: Sequence[Path]) -> list[Path]:
+    """The text files of ``paths``: each file as given, each directory's ``*.txt`` in sorted order."""
     files = []
     for path in map(Path, paths):
         if path.is_dir():

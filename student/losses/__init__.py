@@ -40,6 +40,9 @@ LOSSES: dict[str, LossFn] = {
     "sft": cross_entropy,
 }
 
+#: The losses that read no teacher signal: a run with one of them builds no teacher, whatever its config says.
+NO_TEACHER = frozenset({"sft"})
+
 
 def get_loss(name: str, **options) -> LossFn:
     """The loss called ``name`` with its keyword options bound (e.g. ``get_loss("atkd", lam=0.2)``)."""
@@ -50,8 +53,8 @@ def get_loss(name: str, **options) -> LossFn:
 
 
 __all__ = [
-    "DIVERGENCES", "JSD", "LOSSES", "SPLIT_RULES", "TVD", "Divergence", "ForwardKL", "LossFn", "LossResult",
-    "ReverseKL", "SkewForwardKL", "SkewReverseKL", "TeacherInput", "TeacherSignal", "atkd_loss", "compress",
-    "cross_entropy", "dkd", "forward_kl", "full_divergence_loss", "get_loss", "jsd", "reverse_kl",
+    "DIVERGENCES", "JSD", "LOSSES", "NO_TEACHER", "SPLIT_RULES", "TVD", "Divergence", "ForwardKL", "LossFn",
+    "LossResult", "ReverseKL", "SkewForwardKL", "SkewReverseKL", "TeacherInput", "TeacherSignal", "atkd_loss",
+    "compress", "cross_entropy", "dkd", "forward_kl", "full_divergence_loss", "get_loss", "jsd", "reverse_kl",
     "skew_forward_kl", "skew_reverse_kl", "split_hard", "teacher_uncertainty", "tvd",
 ]

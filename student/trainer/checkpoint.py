@@ -2,10 +2,12 @@
 
 A checkpoint is a directory ``<output_dir>/checkpoints/step-00000100/`` holding
 
-- the student as a Hugging Face model directory (``config.json`` + safetensors; loadable on its own),
+- the student as a complete Hugging Face model directory: ``config.json`` (with the model id
+  ``<run>-step-<N>``, :mod:`atkd.proto.model_id`), safetensors weights and the tokenizer's files, so
+  ``atkd-teacher serve --model``, ``atkd-student eval --model`` or a config's ``student:`` take it as it is;
 - ``trainer_state.pt``: optimizer and LR-schedule state, the RNG states (torch CPU and CUDA, Python),
-  the step, the data position (micro-batches consumed, see :class:`atkd.student.data.examples.BatchOrder`)
-  and the tokens seen.
+  the step, the data position (micro-batches consumed, see :class:`atkd.student.data.examples.BatchOrder`),
+  the tokens seen and the schedule's length.
 
 On CPU an interrupted run resumed from its last checkpoint ends with the same weights as an
 uninterrupted one: the data order and the tail-sample seeds are functions of the data position, and
@@ -23,7 +25,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_model
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from atkd.student.models import save_model
 
 STATE_FILE = "trainer_state.pt"
 PREFIX = "step-"
@@ -32,11 +36,13 @@ PREFIX = "step-"
 @dataclass
 class TrainState:
     """Where a run is: optimizer ``step``s done, ``micro_batch``es consumed (per rank), ``tokens`` trained on
-    (all ranks)."""
+    (all ranks), and ``schedule_steps``, the length of the LR schedule it ran under (0: not recorded, a
+    checkpoint from before the field existed)."""
 
     step: int = 0
     micro_batch: int = 0
     tokens: int = 0
+    schedule_steps: int = 0
 
 
 def checkpoint_dir(output_dir: Path) -> Path:
@@ -44,13 +50,16 @@ def checkpoint_dir(output_dir: Path) -> Path:
 
 
 def save_checkpoint(output_dir: Path, model: PreTrainedModel, optimizer: torch.optim.Optimizer,
-                    schedule: torch.optim.lr_scheduler.LRScheduler, state: TrainState, keep: int = 2) -> Path:
-    """Write the checkpoint of ``state.step`` and delete all but the newest ``keep``; returns its path."""
+                    schedule: torch.optim.lr_scheduler.LRScheduler, state: TrainState, keep: int = 2, *,
+                    tokenizer: PreTrainedTokenizerBase | None = None, run_name: str | None = None) -> Path:
+    """Write the checkpoint of ``state.step`` and delete all but the newest ``keep``; returns its path.
+
+    With ``tokenizer`` its files are saved too; with ``run_name`` the model id ``<run_name>-step-<N>``."""
     root = checkpoint_dir(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{state.step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
-    model.save_pretrained(tmp)
+    save_model(model, tmp, tokenizer=tokenizer, model_id=None if run_name is None else f"{run_name}-step-{state.step}")
     torch.save({
         "state": asdict(state),
         "optimizer": optimizer.state_dict(),

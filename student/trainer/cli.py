@@ -1,12 +1,14 @@
-"""``atkd-student``: train a student, evaluate it, or export teacher signals once for many students.
+"""``atkd-student``: make a starting model, train a student, evaluate it, or export teacher signals once.
 
+    atkd-student init --text FILE... --family llama --size student --out DIR     (see atkd.student.initialise)
     atkd-student train --config run.yaml [--resume [CHECKPOINT]] [--dotted.key value ...]
-    atkd-student eval --config run.yaml [--model DIR] [--max-new-tokens 64] [--dotted.key value ...]
+    atkd-student eval --config run.yaml [--model DIR] [--split eval|train] [--dotted.key value ...]
     atkd-student export-cache --config run.yaml --out DIR [--shard-size 1024] [--dotted.key value ...]
 
 Every field of :class:`~atkd.student.trainer.config.TrainConfig` can be set in the YAML file and overridden
-with ``--section.field value`` (see :mod:`atkd.student.trainer.config`). Configuration errors name the field
-and exit with status 2; a teacher that does not fit the student exits with status 3 before any step.
+with ``--section.field value`` (see :mod:`atkd.student.trainer.config`; ``--teacher null`` unsets a section).
+Configuration errors name the field and exit with status 2; a teacher that does not fit the student exits
+with status 3 before any step, a teacher that fails during the run with status 4.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from transformers.utils import logging as hf_logging
 
 from atkd.proto.device import resolve_device
 from atkd.proto.fingerprint import TeacherMismatchError, tokenizer_fingerprint
+from atkd.student import initialise
 from atkd.student.client import TeacherError
 from atkd.student.evaluation import evaluation_report
 from atkd.student.models import load_model
@@ -40,8 +43,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="atkd-student", description="ATKD student: distil from a teacher")
     commands = parser.add_subparsers(dest="command", required=True)
     fields = argparse.RawDescriptionHelpFormatter
-    epilog = "config fields (YAML keys; each is also a flag, e.g. --teacher.mode local):\n" + "\n".join(
-        describe_fields())
+    epilog = ("config fields (YAML keys; each is also a flag, e.g. --teacher.mode local; --teacher null unsets "
+              "a section):\n" + "\n".join(describe_fields()))
+    init = commands.add_parser("init", help="train a tokenizer (or reuse one) and save a new model with it")
+    initialise.add_arguments(init)
     run = commands.add_parser("train", help="distil the student (see the config's teacher, loss, optim)",
                               epilog=epilog, formatter_class=fields)
     run.add_argument("--resume", nargs="?", const=True, default=False, type=Path,
@@ -51,6 +56,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     evaluate_cmd.add_argument("--model", type=Path, help="model directory (default: output_dir/final)")
     evaluate_cmd.add_argument("--max-new-tokens", type=int, default=64, help="instruction data: generation length")
     evaluate_cmd.add_argument("--max-examples", type=int, default=200, help="instruction data: prompts to generate for")
+    evaluate_cmd.add_argument("--split", choices=("eval", "train"), default="eval",
+                              help="the data to evaluate on: data.eval (default), or data.train when asked")
+    evaluate_cmd.add_argument("--generations", type=Path,
+                              help="instruction data: JSONL of each prompt, reference, generation and ROUGE-L "
+                                   "(default: output_dir/generations-<model directory name>.jsonl)")
     export = commands.add_parser("export-cache", help="score the training data once and write a signal cache",
                                  epilog=epilog, formatter_class=fields)
     export.add_argument("--out", type=Path, required=True, help="cache directory to write")
@@ -64,6 +74,14 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     hf_logging.disable_progress_bar()
+    if args.command == "init":
+        if overrides:
+            parser.error(f"init: unrecognized arguments: {' '.join(overrides)}")
+        try:
+            print(json.dumps(initialise.run(args)))
+        except (FileNotFoundError, FileExistsError, ValueError) as error:
+            parser.exit(2, f"atkd-student init: {error}\n")
+        return
     try:
         config = load_config(args.config, overrides)
     except (ValueError, OSError) as error:
@@ -76,7 +94,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                               "final": str(result.final_dir) if result.final_dir else None,
                               "eval": asdict(result.eval) if result.eval else None}))
         elif args.command == "eval":
-            print(json.dumps(run_eval(config, args.model, args.max_new_tokens, args.max_examples)))
+            print(json.dumps(run_eval(config, args.model, args.max_new_tokens, args.max_examples, split=args.split,
+                                      generations=args.generations)))
         else:
             manifest = export_cache(config, args.out, args.shard_size)
             print(json.dumps({"cache": str(args.out), "examples": manifest.num_examples}))
@@ -88,17 +107,25 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.exit(2, f"atkd-student: {error}\n")
 
 
-def run_eval(config: TrainConfig, model_dir: Path | None, max_new_tokens: int, max_examples: int) -> dict:
+def run_eval(config: TrainConfig, model_dir: Path | None, max_new_tokens: int, max_examples: int, *,
+             split: str = "eval", generations: Path | None = None) -> dict:
     """:func:`~atkd.student.evaluation.evaluation_report` of the model in ``model_dir`` (default: the run's
-    final model) on the eval data (or the training data when none is set), with ``"model"`` added."""
-    model_dir = model_dir or Path(config.output_dir) / FINAL_DIR
+    final model) on ``data.eval`` (``split="train"``: on ``data.train``), with ``"model"`` and ``"split"``
+    added. Instruction data: the generations go to ``generations`` (default:
+    ``output_dir/generations-<model directory name>.jsonl``). Without ``data.eval`` it raises ``ValueError``
+    rather than evaluate on the training data unasked."""
+    model_dir = Path(model_dir or Path(config.output_dir) / FINAL_DIR)
     tokenizer = load_tokenizer(config.tokenizer or config.student)
-    examples = load_examples(config.data, tokenizer, "eval") or load_examples(config.data, tokenizer, "train")
+    examples = load_examples(config.data, tokenizer, split)
+    if examples is None:
+        raise ValueError("data.eval is not set: give held-out data (--data.eval FILE), or evaluate on the training "
+                         "data with --split train")
     model = load_model(model_dir, device=str(resolve_device(config.device)))
+    samples = generations or Path(config.output_dir) / f"generations-{model_dir.resolve().name}.jsonl"
     report = evaluation_report(model, tokenizer, examples, batch_size=config.batch_size,
                                max_batches=config.data.eval_batches, max_new_tokens=max_new_tokens,
-                               max_generations=max_examples)
-    return {"model": str(model_dir), **report}
+                               max_generations=max_examples, samples_path=samples)
+    return {"model": str(model_dir), "split": split, **report}
 
 
 def export_cache(config: TrainConfig, out_dir: Path, shard_size: int) -> CacheManifest:

@@ -9,6 +9,7 @@ name the field, e.g. ``teacher.top_k: Input should be greater than or equal to 1
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -16,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from atkd.student.losses import LOSSES
+from atkd.student.losses import LOSSES, NO_TEACHER
 from atkd.student.optim import OptimConfig
 
 
@@ -92,14 +93,19 @@ class TrainConfig(Section):
     student: Path = Field(description="directory of the student model (HF causal LM) to start from")
     tokenizer: Path | None = Field(None, description="tokenizer directory (default: the student's)")
     output_dir: Path = Field(Path("runs/atkd"), description="checkpoints, metrics.jsonl and the final model")
+    run_name: str | None = Field(None, description="model id of the saved models: final/ is <run_name>, a "
+                                                   "checkpoint <run_name>-step-N (default: output_dir's name)")
     data: DataConfig
-    teacher: TeacherSourceConfig | None = Field(None, description="the teacher (every loss but sft needs one)")
+    teacher: TeacherSourceConfig | None = Field(None, description="the teacher (every loss but sft needs one; sft "
+                                                                  "ignores it; --teacher null unsets it)")
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
     batch_size: int = Field(8, ge=1, description="examples per micro-batch (per rank)")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     max_steps: int | None = Field(None, ge=1, description="optimizer steps (default: from epochs)")
     epochs: float | None = Field(None, gt=0, description="passes over the training data (if max_steps is unset)")
+    max_time: float | None = Field(None, gt=0, description="wall-time bound of this invocation: seconds or e.g. "
+                                                           "1h30m; stops before it with a checkpoint, as SIGTERM does")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast of the student forward")
     seed: int = Field(0, description="seed of initialisation-independent randomness: data order, tail samples")
     eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: only at the end)")
@@ -107,16 +113,44 @@ class TrainConfig(Section):
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept on disk (the newest)")
     log_every: int = Field(1, ge=1, description="write metrics every N steps")
     device: str = Field("auto", description="student device: cpu, cuda, cuda:1 (auto: cuda if available)")
-    threads: int | None = Field(None, ge=1, description="torch intra-op threads")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads per rank (default: the cores less "
+                                                        "one for a teacher server here, shared by the ranks here)")
     progress: bool = Field(True, description="show a progress bar")
+
+    @field_validator("max_time", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        return parse_duration(value) if isinstance(value, str) else value
+
+    @property
+    def name(self) -> str:
+        """The run's name: ``run_name``, or the name of ``output_dir``."""
+        return self.run_name or Path(self.output_dir).resolve().name
 
     @model_validator(mode="after")
     def _length(self) -> TrainConfig:
         if self.max_steps is None and self.epochs is None:
             raise ValueError("set max_steps or epochs")
-        if self.teacher is None and self.loss.name != "sft":
+        if self.teacher is None and self.loss.name not in NO_TEACHER:
             raise ValueError(f"loss {self.loss.name!r} needs a teacher section")
         return self
+
+    @property
+    def used_teacher(self) -> TeacherSourceConfig | None:
+        """The teacher section the loss reads: None for a loss without a teacher (sft), whatever is set."""
+        return None if self.loss.name in NO_TEACHER else self.teacher
+
+
+_DURATION = re.compile(r"(?:(?P<h>\d+(?:\.\d*)?)h)?(?:(?P<m>\d+(?:\.\d*)?)m)?(?:(?P<s>\d+(?:\.\d*)?)s?)?")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``"1h30m"``, ``"90m"``, ``"45s"``, ``"1.5h"`` or ``"3600"``; ``ValueError`` otherwise."""
+    match = _DURATION.fullmatch(text.strip().lower())
+    if not text.strip() or match is None or not any(match.groupdict().values()):
+        raise ValueError(f"not a duration: {text!r} (expected seconds or e.g. 1h30m, 90m, 45s)")
+    hours, minutes, seconds = (float(match[unit] or 0) for unit in "hms")
+    return 3600 * hours + 60 * minutes + seconds
 
 
 def load_config(path: Path | None, overrides: Sequence[str] = (), model: type[BaseModel] = TrainConfig):

@@ -14,8 +14,14 @@ Each optimizer step, in order:
 The ATKD split is taken per micro-batch and per rank, as in the paper. Data parallelism: under
 ``torchrun`` every rank trains on its own slice of each global batch and has its own teacher stream;
 2 ranks x B examples see exactly the batches of 1 process x B examples x 2 accumulation steps.
-SIGTERM / SIGINT stop the run at the next step boundary with a checkpoint (all ranks agree on the step),
-and ``resume`` continues from the newest checkpoint as if nothing had happened.
+SIGTERM / SIGINT, and ``max_time`` (before one more step would pass it), stop the run at a step boundary
+with a checkpoint (all ranks agree on the step), and ``resume`` continues from the newest checkpoint as if
+nothing had happened; resuming with another ``max_steps`` redraws the cosine and says so in a warning.
+
+The teacher is built only for a loss that reads it (not for ``sft``), and asked for exactly the
+micro-batches of the run: prefetch stops at the last step's. Torch threads: ``threads``, or a choice from
+the free cores (:mod:`atkd.student.trainer.threads`). Checkpoints and ``final/`` are complete model
+directories (tokenizer included) whose model id is the run's name (:attr:`TrainConfig.name`).
 """
 
 from __future__ import annotations
@@ -37,14 +43,15 @@ from atkd.proto.device import resolve_device
 from atkd.student.data.examples import BatchOrder, Examples
 from atkd.student.evaluation import LMEval, evaluate_examples
 from atkd.student.losses import TeacherInput, get_loss
-from atkd.student.models import load_model
-from atkd.student.optim import make_optimizer
+from atkd.student.models import load_model, save_model
+from atkd.student.optim import make_optimizer, schedule_change
 from atkd.student.teachers import prefetched
 
 from .checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .metrics import LogWindow, MetricsLog
 from .parts import build_teacher, init_distributed, load_examples, load_tokenizer
+from .threads import Machine, plan_threads
 
 log = logging.getLogger(__name__)
 
@@ -78,14 +85,31 @@ def train(config: TrainConfig, *, resume: bool | Path = False, stop_at: int | No
 
     ``stop_at``: stop after this step with a checkpoint, as a preemption would (for tests and drills).
     ``train_data`` / ``eval_data``: examples built by the caller (e.g. the demo, from token ids it already
-    holds) instead of the files of ``config.data``.
+    holds) instead of the files of ``config.data``. Torch's thread count is restored on return.
     """
+    previous_threads = torch.get_num_threads()
+    try:
+        return _train(config, resume, stop_at, train_data, eval_data)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train(config: TrainConfig, resume: bool | Path, stop_at: int | None, train_data: Examples | None,
+           eval_data: Examples | None) -> TrainResult:
+    started = time.monotonic()
     rank, world, local_rank = init_distributed()
     device = resolve_device(config.device, local_rank)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    output_dir = Path(config.output_dir)
     is_main = rank == 0
+    teacher_config = config.used_teacher
+    if is_main and config.teacher is not None and teacher_config is None:
+        log.info("loss %s reads no teacher: the teacher section (mode %s) is ignored", config.loss.name,
+                 config.teacher.mode)
+    remote = teacher_config.addresses if teacher_config is not None and teacher_config.mode == "remote" else ()
+    threads, message, warn = plan_threads(config.threads, Machine.here(remote))
+    torch.set_num_threads(threads)
+    if is_main:
+        log.log(logging.WARNING if warn else logging.INFO, message)
+    output_dir = Path(config.output_dir)
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.json").write_text(config.model_dump_json(indent=2) + "\n")
@@ -95,13 +119,15 @@ def train(config: TrainConfig, *, resume: bool | Path = False, stop_at: int | No
         train_data = load_examples(config.data, tokenizer, "train")
     if eval_data is None:
         eval_data = load_examples(config.data, tokenizer, "eval")
+    if eval_data is None and is_main:
+        log.info("no data.eval: this run reports no held-out evaluation")
     order = BatchOrder(len(train_data), config.batch_size, config.seed, world, rank)
     steps = total_steps(config, order)
 
     torch.manual_seed(config.seed)
     model = load_model(config.student, device=str(device)).train()
-    teacher = None if config.teacher is None else build_teacher(
-        config.teacher, tokenizer, model, train_data, client_name=f"{output_dir.name}-rank{rank}")
+    teacher = None if teacher_config is None else build_teacher(
+        teacher_config, tokenizer, model, train_data, client_name=f"{output_dir.name}-rank{rank}")
     loss_fn = get_loss(config.loss.name, **config.loss.options)
     optimizer, schedule = make_optimizer(model, config.optim, steps)
 
@@ -110,18 +136,21 @@ def train(config: TrainConfig, *, resume: bool | Path = False, stop_at: int | No
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model, optimizer, schedule)
         log.info("resumed from %s at step %d", checkpoint, state.step)
+        change = state.schedule_steps and schedule_change(state.step, state.schedule_steps, steps, config.optim)
+        if change and is_main:
+            log.warning(change)
+    state.schedule_steps = steps
     metrics = MetricsLog(output_dir / METRICS_FILE, keep_until=state.step, enabled=is_main)
     trained = DistributedDataParallel(model) if world > 1 else model
 
-    def batches():
-        micro = state.micro_batch
-        while True:
+    def batches():  # the run's micro-batches from the data position on, and no more (prefetch stops there)
+        for micro in range(state.micro_batch, steps * config.grad_accum):
             yield train_data.batch(order.indices(micro)), teacher_seed(config.seed, micro, world, rank)
-            micro += 1
 
-    stream = prefetched(teacher, batches(), config.teacher.prefetch) if teacher else _no_teacher(batches())
+    stream = prefetched(teacher, batches(), teacher_config.prefetch) if teacher else _no_teacher(batches())
     stop = _StopRequest()
-    bar = tqdm(total=steps, initial=state.step, desc="distil", disable=not (config.progress and is_main),
+    deadline = None if config.max_time is None else started + config.max_time
+    bar = tqdm(total=steps, initial=state.step, desc=config.loss.name, disable=not (config.progress and is_main),
                dynamic_ncols=True)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
     result_eval, window = None, LogWindow()
@@ -145,7 +174,8 @@ def train(config: TrainConfig, *, resume: bool | Path = False, stop_at: int | No
             optimizer.zero_grad(set_to_none=True)
             schedule.step()
             state.step += 1
-            window.add_step(grad_norm, teacher_wait_s=waited, step_s=time.perf_counter() - step_start)
+            step_s = time.perf_counter() - step_start
+            window.add_step(grad_norm, teacher_wait_s=waited, step_s=step_s)
 
             if state.step % config.log_every == 0:
                 record = {"step": state.step, "lr": schedule.get_last_lr()[0], **window.read(), "tokens": state.tokens}
@@ -159,11 +189,16 @@ def train(config: TrainConfig, *, resume: bool | Path = False, stop_at: int | No
             if eval_data is not None and is_main and due_eval:
                 result_eval = evaluate_examples(model, eval_data, config.batch_size, config.data.eval_batches)
                 metrics.write("eval", {"step": state.step, **asdict(result_eval)})
-            stopping = stop.agreed(world, device) or (stop_at is not None and state.step >= stop_at)
+            out_of_time = deadline is not None and time.monotonic() + step_s > deadline
+            stopping = stop.agreed(world, device, out_of_time) or (stop_at is not None and state.step >= stop_at)
             if is_main and (last or stopping or config.save_every and state.step % config.save_every == 0):
-                save_checkpoint(output_dir, model, optimizer, schedule, state, config.keep_checkpoints)
+                save_checkpoint(output_dir, model, optimizer, schedule, state, config.keep_checkpoints,
+                                tokenizer=tokenizer, run_name=config.name)
             if stopping and not last:
-                log.info("stopping at step %d (checkpoint saved): resume to continue", state.step)
+                why = "stop requested"
+                if out_of_time:
+                    why = f"max_time ({config.max_time:g} s) would pass during the next step"
+                log.info("%s: stopping at step %d (checkpoint saved): resume to continue", why, state.step)
                 return TrainResult(state, None, result_eval, stopped_early=True)
     finally:
         bar.close()
@@ -173,8 +208,7 @@ def train(config: TrainConfig, *, resume: bool | Path = False, stop_at: int | No
             teacher.close()
     final_dir = output_dir / FINAL_DIR
     if is_main:
-        model.save_pretrained(final_dir)
-        tokenizer.save_pretrained(final_dir)
+        save_model(model, final_dir, tokenizer=tokenizer, model_id=config.name)
     if world > 1:
         dist.barrier()
     return TrainResult(state, final_dir, result_eval, stopped_early=False)
@@ -212,10 +246,11 @@ class _StopRequest:
     def _handle(self, signum, frame) -> None:
         self.requested = True
 
-    def agreed(self, world: int, device: torch.device) -> bool:
+    def agreed(self, world: int, device: torch.device, also: bool = False) -> bool:
+        """Whether any rank was asked to stop, or has ``also`` set (e.g. its time is up)."""
         if world == 1:
-            return self.requested
-        flag = torch.tensor([float(self.requested)], device=device)
+            return self.requested or also
+        flag = torch.tensor([float(self.requested or also)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 

@@ -11,6 +11,7 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from atkd.proto.device import resolve_device
 from atkd.proto.fingerprint import check_same_tokenizer, tokenizer_fingerprint, weights_digest
+from atkd.proto.model_id import saved_model_id
 from atkd.student.client import TeacherClient
 from atkd.student.data.examples import Examples, InstructionData, PackedText
 from atkd.student.models import load_model
@@ -93,4 +94,4 @@ def teacher_identity(config: TeacherSourceConfig, teacher: TeacherSource) -> tup
     if isinstance(teacher, RemoteTeacher):
         info = teacher.client.info()
         return info.model_id, info.model_revision
-    return Path(config.model).resolve().name, weights_digest(config.model)
+    return saved_model_id(config.model), weights_digest(config.model)
