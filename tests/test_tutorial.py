@@ -41,7 +41,8 @@ def test_the_tutorial_runs_as_written(tmp_path, corpus):
     }  # fmt: skip
     for name in settings:
         assert f"{name}=${{{name}:-" in script, f"the tutorial no longer reads {name}: the test cannot shrink it"
-    for command in ("atkd-student init", "--loss.name sft", "atkd-teacher serve", "--ready-file", "atkd-student eval"):
+    for command in ("atkd-student init", "--loss.name sft", "atkd-teacher serve", "--ready-file", "atkd-student eval",
+                    "atkd-student report"):
         assert command in script, command
     (tmp_path / "tutorial.sh").write_text(script)
     env = {**os.environ, **settings, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
@@ -67,3 +68,7 @@ def test_the_tutorial_runs_as_written(tmp_path, corpus):
         assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, steps + 1)), run
     assert "n_hard" in (runs / "student-atkd" / "metrics.jsonl").read_text()  # ATKD's split: a teacher signal
     assert not (runs / "teacher.ready").exists()  # the server stopped and cleaned up
+    (report,) = [line for line in lines if "report" in line]
+    summary = tmp_path / report["report"]  # relative to the script's working directory, as given
+    assert summary == runs / "report" / "report.md" and (runs / "report" / "loss.png").is_file()
+    assert "| student-atkd | atkd |" in summary.read_text()
