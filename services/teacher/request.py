@@ -41,8 +41,8 @@ class ScoreJob:
     is position ``cols[j]`` of sequence ``rows[j]``, with target ``targets[j]`` (the next token);
     they are ordered sequence by sequence, position ascending, as the response lists them.
     ``tail_offsets [n]``: the uniforms of the tail sampling, one per scored position, drawn from the
-    request's seed when it has one (None: the engine draws them), so that a job's signal does not depend
-    on how it is split into batches.
+    request's seed when it has one (None: unseeded, the engine draws them), so that a job's signal does
+    not depend on how it is split into batches.
     """
 
     token_ids: torch.Tensor
@@ -53,7 +53,6 @@ class ScoreJob:
     top_k: int
     temperature: float
     tail_samples: int
-    seed: int | None
     tail_offsets: torch.Tensor | None = None
 
     @property
@@ -114,14 +113,13 @@ def parse_request(request: pb.ScoreRequest, limits: Limits) -> tuple[ScoreJob, s
                               f"{limits.max_tail_samples}")
 
     rows, cols, flat = scored_positions(lengths, request.score_mask)
-    seed = request.seed if request.HasField("seed") else None
     offsets = None
-    if seed is not None and request.tail_samples:
-        offsets = torch.rand(rows.size, generator=torch.Generator().manual_seed(seed))
+    if request.HasField("seed") and request.tail_samples:  # torch's CPU uniform_ is a serial kernel: no OpenMP team
+        offsets = torch.rand(rows.size, generator=torch.Generator().manual_seed(request.seed))
     job = ScoreJob(
         token_ids=torch.from_numpy(ids), lengths=lengths, rows=torch.from_numpy(rows), cols=torch.from_numpy(cols),
         targets=torch.from_numpy(ids[flat + 1]), top_k=request.top_k, temperature=temperature,
-        tail_samples=request.tail_samples, seed=seed, tail_offsets=offsets,
+        tail_samples=request.tail_samples, tail_offsets=offsets,
     )  # fmt: skip
     return job, codec
 

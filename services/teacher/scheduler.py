@@ -235,9 +235,12 @@ class Scheduler:
                 request.signals.append(signal)
                 request.compute_s += compute_s
                 if part.last and not request.future.done():
-                    whole = request.signals[0] if len(request.signals) == 1 else concat_signals(request.signals)
-                    request.future.set_result(Scored(whole, request.started - request.arrived, request.compute_s,
-                                                     tokens))
+                    whole = request.signals[0]
+                    if len(request.signals) > 1:  # a split request: torch.cat on the worker, not on the loop
+                        whole = await loop.run_in_executor(self._executor, concat_signals, request.signals)
+                    if not request.future.done():  # the caller may have gone while the parts were joined
+                        request.future.set_result(Scored(whole, request.started - request.arrived,
+                                                         request.compute_s, tokens))
         finally:
             self._computing = False
             self._update_idle()
