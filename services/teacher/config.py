@@ -33,6 +33,9 @@ class TeacherConfig(BaseModel):
     split_requests: bool = Field(True, description="let a request's sequences run in several batches, so that "
                                                    "requests of several clients fill one batch (false: whole requests)")
     max_inflight_per_client: int = Field(16, ge=1, description="requests one client may have queued or computing")
+    packing: Literal["auto", "off"] = Field(
+        "auto", description="auto: run a batch's sequences packed without padding where the model reproduces its "
+                            "unpacked forward that way (checked at load); off: pad them, grouped by length")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="compute dtype (auto: bfloat16 on GPU, float32 on CPU)")
     device: str = Field("auto", description="torch device, e.g. cpu, cuda, cuda:1 (auto: cuda if available)")

@@ -21,6 +21,9 @@ class TeacherMetrics:
         self.tokens = Counter("atkd_teacher_tokens", "Tokens in the Score requests that were computed", registry=r)
         self.client_tokens = Counter("atkd_teacher_client_tokens", "Tokens computed, by client id (one series per "
                                      "student job and rank)", ["client"], registry=r)
+        self.forwarded_tokens = Gauge("atkd_teacher_forwarded_tokens", "Tokens run through the model so far, "
+                                      "padding included (atkd_teacher_tokens counts the requests' tokens)",
+                                      registry=r)
         self.positions = Counter("atkd_teacher_scored_positions", "Positions scored", registry=r)
         self.response_bytes = Counter("atkd_teacher_response_bytes", "Bytes of Score responses sent, by codec",
                                       ["codec"], registry=r)

@@ -34,6 +34,7 @@ class Replica:
         self.config = config
         self.engine = engine
         self.metrics = metrics or TeacherMetrics()
+        self.metrics.forwarded_tokens.set_function(lambda: engine.forwarded_tokens)
         self.auth = BearerToken.from_config(config.auth_token_file, config.auth_token_env)
         self.limits = Limits(vocab_size=engine.vocab_size, max_seq_len=engine.max_seq_len,
                              max_batch_tokens=config.max_batch_tokens, max_top_k=config.top_k_max,
@@ -59,7 +60,8 @@ class Replica:
         ``load_engine`` replaces :meth:`TeacherEngine.load` from the config (tests inject engines)."""
         load_engine = load_engine or partial(
             TeacherEngine.load, config.model, dtype=config.dtype, device=config.device, model_id=config.model_id,
-            revision=config.revision, max_seq_len=config.max_seq_len, chunk_size=config.chunk_size)
+            revision=config.revision, max_seq_len=config.max_seq_len, chunk_size=config.chunk_size,
+            packing=config.packing)
         return cls(config, await asyncio.to_thread(load_engine), metrics)
 
     def start(self) -> None:
