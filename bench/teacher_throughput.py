@@ -55,11 +55,11 @@ VOCAB, BATCH, SEQ, TOP_K = 8192, 8, 256, 64
 BATCH_TOKENS = BATCH * SEQ
 
 
-def build_model(directory: Path, hidden: int, layers: int) -> int:
-    """Save a random Llama (V = 8192) to ``directory``; returns its parameter count."""
+def build_model(directory: Path, hidden: int, layers: int, context: int = SEQ) -> int:
+    """Save a random Llama (V = 8192, ``context`` positions) to ``directory``; returns its parameter count."""
     heads = hidden // 64
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                         num_key_value_heads=heads, intermediate_size=4 * hidden, max_position_embeddings=SEQ)
+                         num_key_value_heads=heads, intermediate_size=4 * hidden, max_position_embeddings=context)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(directory)

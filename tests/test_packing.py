@@ -9,13 +9,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoModelForCausalLM, GPT2LMHeadModel, GPT2Model, LlamaConfig, MistralConfig
 
 from atkd.services.teacher.engine import TeacherEngine
-from atkd.services.teacher.packing import MAX_PADDING, VARLEN_ATTENTION, length_groups
+from atkd.services.teacher.packing import MAX_PADDING, VARLEN_ATTENTION, length_groups, pack
 from atkd.student.client import TeacherClient
 from tests.test_teacher_engine import assert_signals_close, job, local_signal
 
-# lengths 1 (nothing scored), repeated lengths (one attention call for both), the context's 128
+# lengths 1 (nothing scored), equal lengths (one attention call on a view), 20 and 15 (one call on gathered
+# windows), the context's 128
 SEQUENCES = [list(range(3, 23)), [9], list(range(100, 111)), list(range(200, 211)), [(7 * t) % 512 for t in range(128)],
-             [40, 41, 42]]
+             [40, 41, 42], list(range(300, 315))]
 
 
 def tokens_into_model(model) -> list[int]:
@@ -51,8 +52,8 @@ def test_packed_and_padded_batches_score_as_one_sequence_at_a_time(tiny_model_fa
     tokens = sum(len(s) for s in SEQUENCES)
     if packing == "auto":
         assert counts == [tokens] and engine.model.config._attn_implementation == VARLEN_ATTENTION
-    else:  # one forward per length group: [128], [20], [11, 11], [3], [1]
-        assert counts == [128, 20, 22, 3, 1]
+    else:  # one forward per length group: [128], [20], [15], [11, 11], [3], [1]
+        assert counts == [128, 20, 15, 22, 3, 1]
     assert engine.forwarded_tokens - before == sum(counts)
 
 
@@ -134,3 +135,21 @@ def test_length_groups_bound_the_padding():
     assert [[lengths[i] for i in group] for group in groups] == [[128, 120], [100], [30, 29, 25], [2], [1] * 63]
     padded = sum(len(group) * lengths[group[0]] for group in groups)
     assert padded <= (1 + MAX_PADDING) * sum(lengths)
+
+
+def test_pack_lays_out_sequences_longest_first_with_restarting_positions():
+    lengths = [3, 20, 1, 15, 11, 11]
+    token_ids = torch.arange(sum(lengths))
+    row = pack(token_ids, lengths, torch.device("cpu"))
+    sequences = token_ids.split(lengths)
+    in_row = [1, 3, 4, 5, 0, 2]  # longest first, ties in the caller's order
+    assert torch.equal(row.input_ids[0], torch.cat([sequences[i] for i in in_row]))
+    assert torch.equal(row.position_ids[0], torch.cat([torch.arange(lengths[i]) for i in in_row]))
+    assert torch.equal(row.input_ids[0, row.index], token_ids)
+    windows = row.segments.windows  # [20, 15] gathered in windows of 20, [11, 11] a view, [3], [1]
+    assert [(w.width, w.start, w.n, w.gather is None) for w in windows] == [
+        (20, 0, 2, False), (11, 35, 2, True), (3, 57, 1, True), (1, 60, 1, True)]
+    assert windows[0].gather.tolist() == list(range(20)) + list(range(20, 40))
+    assert windows[0].keep.tolist() == list(range(20)) + list(range(20, 35))
+    (window,) = pack(torch.arange(7), [4, 3], torch.device("cpu")).segments.windows  # windows clamped to the row
+    assert window.gather.tolist() == [0, 1, 2, 3, 4, 5, 6, 6] and window.keep.tolist() == [0, 1, 2, 3, 4, 5, 6]

@@ -171,7 +171,7 @@ class TeacherEngine:
             row = pack(token_ids, lengths, self.device)
             self.forwarded_tokens += token_ids.numel()
             flat = (torch.cumsum(lengths_t, 0) - lengths_t)[sequences] + positions
-            return self._forward(**row.model_inputs())[0, flat.to(self.device)]
+            return self._forward(**row.model_inputs())[0, row.index[flat].to(self.device)]
         states = None
         starts = (torch.cumsum(lengths_t, 0) - lengths_t).tolist()
         for group in length_groups(lengths):
@@ -226,11 +226,11 @@ class TeacherEngine:
                                                               atol=self._tolerance)
 
     def _packing_reproduces_forward(self) -> bool:
-        """Switch the model to packed attention if a packed forward of probe sequences (lengths 8, 1, 5,
-        7: repeated and single-token lengths included) reproduces their forwards one at a time; else
-        leave the model as it was. A model that positions the second sequence after the first, or lets
-        it attend to the first, fails the comparison."""
-        lengths = [min(n, self.max_seq_len) for n in (8, 1, 5, 7)]
+        """Switch the model to packed attention if a packed forward of probe sequences reproduces their
+        forwards one at a time; else leave the model as it was. The lengths 8, 5, 8, 3, 2 give every kind
+        of attention call (equal lengths on a view, a single sequence, windows gathered up to the row's
+        end). A model that positions a sequence after the previous one, or lets it attend to it, fails."""
+        lengths = [min(n, self.max_seq_len) for n in (8, 5, 8, 3, 2)]
         token_ids = (torch.arange(sum(lengths)) * 7 + 3) % self.vocab_size
         original = self.model.config._attn_implementation
         with torch.inference_mode():
@@ -238,7 +238,8 @@ class TeacherEngine:
                                for sequence in token_ids.split(lengths)])
             try:
                 self.model.set_attn_implementation(VARLEN_ATTENTION)
-                packed = self._forward(**pack(token_ids, lengths, self.device).model_inputs())[0]
+                row = pack(token_ids, lengths, self.device)
+                packed = self._forward(**row.model_inputs())[0, row.index.to(self.device)]
             except Exception as error:  # any failure to pack means: do not pack
                 log.info("%s: packed forward failed (%s: %s)", self.model_id, type(error).__name__, error)
                 packed = None

@@ -4,21 +4,29 @@ A packed batch of S sequences of lengths ``L_1 .. L_S`` (``T = sum L_i`` tokens)
 of token ids with ``position_ids`` that restart at 0 for every sequence, run through the model with
 the attention implementation :data:`VARLEN_ATTENTION` and the keyword argument ``packed_segments`` (a
 :class:`Segments`), which every layer's attention receives. :func:`varlen_attention` then computes,
-for each sequence alone, ``softmax(q k^T * scale + causal) v`` over its own ``L_i`` positions, so
+for each sequence alone, ``softmax(q k^T * scale + causal) v`` over its own positions, so
 
 * every position sees exactly what it sees when its sequence runs alone (same positions, same keys):
   the packed forward reproduces the unpacked one (checked per model at load time, see
   :mod:`.engine`);
-* the position-wise work (embeddings, projections, MLPs, norms) runs on ``T`` real tokens, none of
-  padding, and attention costs ``sum L_i^2``, what the sequences cost alone: the row's length needs
-  no bound of its own (a block-diagonal mask over a row of ``R`` tokens would cost ``R^2`` per row,
-  hence rows of bounded length, plus the padding that ends every row but the fullest). ``T`` is
-  bounded by admission (``max_batch_tokens``), so the cost of a batch follows the tokens admission
-  counted.
+* the position-wise work (embeddings, projections, MLPs, norms: nearly all of a forward) runs on
+  the ``T`` real tokens, none of padding. ``T`` is bounded by admission (``max_batch_tokens``), so
+  the cost of a batch follows the tokens admission counted.
 
-Sequences of one length share a single ``scaled_dot_product_attention`` call (a batch ``[n, H, L, D]``
-gathered by :attr:`Segments.groups`), so a layer makes one call per distinct length: at most
-``sqrt(2 T)`` calls, since distinct lengths sum to at most ``T``.
+Row length. All sequences go into one row: attention never spans the row (a block-diagonal mask over
+a row of ``R`` tokens would cost ``R^2`` per row, whence rows of bounded length, each ending in
+padding; here attention is computed per sequence), so the row's length costs nothing by itself.
+
+Attention windows. Attention runs as few ``scaled_dot_product_attention`` calls as possible (each
+call is a parallel region: on a loaded CPU, 16 calls of one short sequence each cost several times one
+call of 16 sequences). The row holds the sequences longest first; :func:`length_groups` cuts it
+into groups in which every length ``L`` is within ``1 + ATTENTION_PADDING`` of the group's longest
+``W``, and each group is one call on a batch ``[n, H, W, D]`` of windows of ``W`` positions starting
+where each sequence starts. A window runs past its sequence into the next ones; with causal
+attention, positions of the sequence never see those keys, and what the extra positions compute is
+dropped. So a sequence's attention costs at most ``(1 + ATTENTION_PADDING)^2`` times its own
+``L^2`` (2.25x; attention is a small part of the forward at these lengths) and a layer makes at most
+``1 + log(L_max / L_min) / log(1 + ATTENTION_PADDING)`` calls (5 for lengths 16 .. 256).
 
 transformers 5 can also derive a block-diagonal mask from restarting ``position_ids`` alone (sdpa,
 eager), but it materialises a dense ``[T, T]`` mask, and OPT (which builds a padding mask of its
@@ -27,7 +35,7 @@ mask (no mask is built: sdpa's ``is_causal`` path) and the segments explicitly.
 
 A model class that cannot pack (its attention bypasses transformers' attention interface, uses a
 sliding window, soft-capping, sinks or a position bias, or ignores ``position_ids``) falls back to
-padded batches grouped by length (:func:`length_groups`): each group is padded to its longest
+padded batches grouped by length (:func:`length_groups` again): each group is padded to its longest
 sequence, and a sequence joins a group only if that pads it by at most :data:`MAX_PADDING` of its
 length, so the padded batch forwards at most ``(1 + MAX_PADDING) x`` the real tokens.
 """
@@ -48,22 +56,41 @@ VARLEN_ATTENTION = "atkd_varlen"
 MAX_PADDING = 0.25
 """Padding a sequence may receive in the padded fallback, as a fraction of its length."""
 
+ATTENTION_PADDING = 0.5
+"""How far past its sequence an attention window may reach, as a fraction of the sequence's length."""
+
+
+@dataclass(frozen=True)
+class Window:
+    """One attention call of a packed row: ``n`` windows of ``width`` positions. ``gather [n * width]``:
+    the row positions of the windows, one after the other (clamped to the row); ``keep``: the positions
+    of that ``[n * width]`` batch that belong to their sequence, in row order. Both are None when the
+    ``n`` sequences all have length ``width``: the windows are then the row's positions ``start`` to
+    ``start + n * width``, a view (no copy)."""
+
+    width: int
+    start: int
+    n: int
+    gather: torch.Tensor | None = None
+    keep: torch.Tensor | None = None
+
 
 @dataclass(frozen=True)
 class Segments:
-    """Where the sequences of a packed row lie: ``groups`` holds, for every distinct length ``L``, the
-    positions ``[n, L]`` (int64, on the model's device) of the ``n`` sequences of that length."""
+    """The attention calls of a packed row, covering its positions in order."""
 
-    groups: tuple[tuple[int, torch.Tensor], ...]
+    windows: tuple[Window, ...]
 
 
 @dataclass(frozen=True)
 class PackedRow:
-    """The model inputs of a packed batch: ``input_ids``, ``position_ids`` ``[1, T]`` and the segments."""
+    """A packed batch: ``input_ids`` and ``position_ids`` ``[1, T]``, the segments, and ``index [T]``:
+    where each of the caller's tokens (back to back, in the caller's order) lies in the row."""
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
     segments: Segments
+    index: torch.Tensor
 
     def model_inputs(self) -> dict:
         """Keyword arguments of the model's forward. The all-ones mask keeps transformers from deriving a
@@ -73,15 +100,32 @@ class PackedRow:
 
 
 def pack(token_ids: torch.Tensor, lengths: Sequence[int], device: torch.device) -> PackedRow:
-    """One row of the sequences ``token_ids [T]`` (back to back, ``lengths``), positions restarting per sequence."""
+    """One row of the sequences ``token_ids [T]`` (back to back, ``lengths``): longest first, positions
+    restarting per sequence, one :class:`Window` per group of :func:`length_groups` (``ATTENTION_PADDING``)."""
+    groups = length_groups(lengths, ATTENTION_PADDING)
+    order = torch.tensor([i for group in groups for i in group])
     lengths_t = torch.tensor(lengths, dtype=torch.int64)
-    starts = torch.cumsum(lengths_t, 0) - lengths_t
-    positions = torch.arange(int(lengths_t.sum())) - torch.repeat_interleave(starts, lengths_t)
-    groups = []
-    for length in torch.unique(lengths_t).tolist():
-        group_starts = starts[lengths_t == length]
-        groups.append((length, (group_starts[:, None] + torch.arange(length)).to(device)))
-    return PackedRow(token_ids.unsqueeze(0).to(device), positions.unsqueeze(0).to(device), Segments(tuple(groups)))
+    row_lengths = lengths_t[order]
+    starts_in, starts_row = torch.cumsum(lengths_t, 0) - lengths_t, torch.cumsum(row_lengths, 0) - row_lengths
+    total = int(lengths_t.sum())
+    positions = torch.arange(total) - torch.repeat_interleave(starts_row, row_lengths)
+    source = torch.repeat_interleave(starts_in[order] - starts_row, row_lengths) + torch.arange(total)
+    index = torch.empty_like(source)
+    index[source] = torch.arange(total)
+    windows, first = [], 0
+    for group in groups:
+        width, group_starts = lengths[group[0]], starts_row[first:first + len(group)]
+        group_lengths = row_lengths[first:first + len(group)]
+        if (group_lengths == width).all():
+            windows.append(Window(width, int(group_starts[0]), len(group)))
+        else:
+            gather = (group_starts[:, None] + torch.arange(width)).clamp(max=total - 1).flatten()
+            keep = (torch.arange(len(group))[:, None] * width + torch.arange(width))[
+                torch.arange(width) < group_lengths[:, None]]
+            windows.append(Window(width, int(group_starts[0]), len(group), gather.to(device), keep.to(device)))
+        first += len(group)
+    return PackedRow(token_ids[source].unsqueeze(0).to(device), positions.unsqueeze(0).to(device),
+                     Segments(tuple(windows)), index)
 
 
 def varlen_attention(
@@ -95,11 +139,13 @@ def varlen_attention(
     packed_segments: Segments | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """Causal attention within each segment of a packed row; transformers' sdpa when there are no segments.
+    """Causal attention within each sequence of a packed row; transformers' sdpa when there are no segments.
 
     ``query [1, H, T, D]``, ``key``/``value [1, H_kv, T, D]`` (grouped-query attention when
-    ``H_kv < H``); returns ``[1, T, H, D_v]`` as transformers' attention functions do. Raises
-    ``NotImplementedError`` for what it cannot reproduce (the engine's probe then falls back to padding).
+    ``H_kv < H``); returns ``[1, T, H, D_v]`` as transformers' attention functions do. Each window
+    group is one ``scaled_dot_product_attention`` call on ``[n, H, width, D]``, laid out as an unpadded
+    batch would be. Raises ``NotImplementedError`` for what it cannot reproduce (the engine's probe
+    then falls back to padding).
     """
     if packed_segments is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -109,21 +155,28 @@ def varlen_attention(
     if unsupported or attention_mask is not None or query.shape[0] != 1:
         raise NotImplementedError(f"packed attention cannot reproduce {unsupported or 'an explicit mask'}")
     gqa = key.shape[1] != query.shape[1]
-    query, key, value = query[0], key[0], value[0]  # [H, T, D]
-    output = query.new_empty(query.shape[0], query.shape[1], value.shape[-1])
-    for length, positions in packed_segments.groups:  # positions [n, L]: a batch of n sequences
+    query, key, value = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, H, D]
+
+    def windows(x: torch.Tensor, window: Window) -> torch.Tensor:  # [n, H, width, D]
+        if window.gather is None:
+            rows = x[window.start:window.start + window.n * window.width]
+        else:
+            rows = x.index_select(0, window.gather)
+        return rows.unflatten(0, (window.n, window.width)).transpose(1, 2)
+
+    parts = []  # [tokens of the group, H, D_v] per window group, in row order
+    for window in packed_segments.windows:
         attended = torch.nn.functional.scaled_dot_product_attention(
-            query[:, positions].transpose(0, 1), key[:, positions].transpose(0, 1),
-            value[:, positions].transpose(0, 1), dropout_p=dropout, is_causal=length > 1, scale=scaling,
-            enable_gqa=gqa)  # [n, H, L, D_v]
-        output[:, positions] = attended.transpose(0, 1)
-    return output.transpose(0, 1).unsqueeze(0).contiguous(), None
+            windows(query, window), windows(key, window), windows(value, window), dropout_p=dropout,
+            is_causal=window.width > 1, scale=scaling, enable_gqa=gqa).transpose(1, 2).flatten(0, 1)
+        parts.append(attended if window.keep is None else attended.index_select(0, window.keep))
+    return (parts[0] if len(parts) == 1 else torch.cat(parts)).unsqueeze(0), None
 
 
 def length_groups(lengths: Sequence[int], max_padding: float = MAX_PADDING) -> list[list[int]]:
-    """Indices of the sequences grouped for padded batches, longest first: a sequence of length ``L``
-    joins the current group (padded to its first, longest, ``L_0``) iff ``L_0 - L <= max_padding * L``.
-    So the group pads to at most ``(1 + max_padding) x`` its real tokens."""
+    """Indices of the sequences grouped longest first: a sequence of length ``L`` joins the current group
+    (whose first, longest, sequence has ``L_0``) iff ``L_0 - L <= max_padding * L``. Padded to ``L_0``,
+    a group holds at most ``(1 + max_padding) x`` its real tokens."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     groups: list[list[int]] = []
     for index in order:
