@@ -10,6 +10,14 @@ FILL_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
+def client_label(client: str) -> str:
+    """The metrics label of a client identity: a token's name as is, a connection's peer without its port
+    (``ipv4:10.0.0.7:51234`` -> ``ipv4:10.0.0.7``), so that reconnecting clients do not grow the series."""
+    if client.startswith(("ipv4:", "ipv6:")):
+        return client.rpartition(":")[0]
+    return client
+
+
 class TeacherMetrics:
     """Counters, gauges and histograms of the teacher; names start with ``atkd_teacher_``."""
 
@@ -19,8 +27,8 @@ class TeacherMetrics:
         self.requests = Counter("atkd_teacher_requests", "Score requests answered, by RPC and status code",
                                 ["rpc", "code"], registry=r)
         self.tokens = Counter("atkd_teacher_tokens", "Tokens in the Score requests that were computed", registry=r)
-        self.client_tokens = Counter("atkd_teacher_client_tokens", "Tokens computed, by client id (one series per "
-                                     "student job and rank)", ["client"], registry=r)
+        self.client_tokens = Counter("atkd_teacher_client_tokens", "Tokens computed, by client (token name, or "
+                                     "peer address without the port)", ["client"], registry=r)
         self.positions = Counter("atkd_teacher_scored_positions", "Positions scored", registry=r)
         self.response_bytes = Counter("atkd_teacher_response_bytes", "Bytes of Score responses sent, by codec",
                                       ["codec"], registry=r)

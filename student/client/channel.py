@@ -75,7 +75,10 @@ def open_channel(address: str | Sequence[str], *, tls_root_cert: Path | bytes | 
     pings every ``keepalive_s`` (so that a replica that vanished without closing its connection is noticed).
     ``tls_root_cert``: PEM (a path or bytes) of the CA to trust, or True for the system roots, to connect
     over TLS; None or False for a plain connection."""
-    options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1),
+    # a connection of its own (gRPC would share one between channels of equal options in a process): the
+    # teacher tells clients apart by connection when they carry no token of their own
+    options = [("grpc.use_local_subchannel_pool", 1),
+               ("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1),
                ("grpc.service_config", json.dumps(service_config())), ("grpc.enable_retries", 1),
                ("grpc.keepalive_time_ms", int(keepalive_s * 1000)), ("grpc.keepalive_timeout_ms", 10_000)]
     target = channel_target(address)
