@@ -139,7 +139,7 @@ class TeacherServer:
                          or self.replica.auth.allows(headers), metrics_public=self.config.metrics_public)
         config = uvicorn.Config(app, host=self.http_host, port=self.config.http_port, log_config=None,
                                 access_log=False, lifespan="off")
-        _limit_uvicorn_warnings()
+        _limit_library_logs()
         sock = config.bind_socket()
         self.http_port = sock.getsockname()[1]
         self._http = _EmbeddedUvicorn(config)
@@ -193,12 +193,14 @@ def run(config: TeacherConfig) -> None:
         raise SystemExit(2) from None
 
 
-def _limit_uvicorn_warnings() -> None:
-    """uvicorn warns once per malformed HTTP request ("Invalid HTTP request received."): once a minute is
-    enough, whoever sends garbage to the HTTP port."""
-    uvicorn_log = logging.getLogger("uvicorn.error")
-    if not any(isinstance(f, RateLimitFilter) for f in uvicorn_log.filters):
-        uvicorn_log.addFilter(RateLimitFilter())
+def _limit_library_logs() -> None:
+    """uvicorn warns once per malformed HTTP request ("Invalid HTTP request received."), and grpcio logs a
+    traceback each time a client cancels a stream while a response is being written: once a minute per
+    message is enough, whoever causes them."""
+    for name in ("uvicorn.error", "grpc._cython.cygrpc"):
+        library_log = logging.getLogger(name)
+        if not any(isinstance(f, RateLimitFilter) for f in library_log.filters):
+            library_log.addFilter(RateLimitFilter())
 
 
 async def _serve(config: TeacherConfig) -> None:
