@@ -7,8 +7,8 @@ Two kinds of tokens: one shared token (``auth_token_file`` / ``auth_token_env``)
 and a tokens file (``auth_tokens_file``, YAML ``client name: token``) whose every token also names its
 client. Fairness and in-flight limits are per client, and a client is (:func:`client_identity`):
 the name of its token when it sent a named one, else its connection (the transport's peer, e.g.
-``ipv4:10.0.0.7:51234``). The ``atkd-client-id`` metadata is a label for logs only: it neither escapes
-nor spends another client's limits.
+``ipv4:10.0.0.7:51234``). The ``atkd-client-id`` metadata only names the client in the metrics: it
+neither escapes nor spends another client's limits.
 """
 
 from __future__ import annotations

@@ -58,6 +58,7 @@ class _Pending:
     job: ScoreJob
     future: asyncio.Future[Scored]
     arrived: float
+    label: str = ""  # the client's name in the metrics
     expiry: asyncio.TimerHandle | None = field(default=None, repr=False)
     started: float | None = None  # when its first part's batch started
     signals: list[TeacherSignal] = field(default_factory=list, repr=False)  # of its parts computed so far
@@ -133,12 +134,13 @@ class Scheduler:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="teacher-scheduler")
 
     async def submit(self, client: str, job: ScoreJob, timeout_s: float | None = None, *,
-                     hold_slot: bool = False) -> Scored:
+                     hold_slot: bool = False, label: str | None = None) -> Scored:
         """Queue ``job`` for ``client`` and wait for its signal.
 
         The request holds one of the client's in-flight slots until it is answered, or, with ``hold_slot``,
         until the caller calls the result's ``release`` (once its response is sent: a client that does
         not read its responses then runs out of slots instead of piling them up in the server).
+        ``label``: the client's name in the metrics (default :func:`~.metrics.client_label` of ``client``).
         Raises RESOURCE_EXHAUSTED (client or queue full), UNAVAILABLE (closing), DEADLINE_EXCEEDED
         (``timeout_s`` ran out before the job was batched) as :class:`ServiceError` s.
         """
@@ -146,7 +148,7 @@ class Scheduler:
             raise Unavailable("the teacher is shutting down: retry on another replica")
         self.queue.admit(client, job.tokens)
         loop = asyncio.get_running_loop()
-        pending = _Pending(client, job, loop.create_future(), loop.time())
+        pending = _Pending(client, job, loop.create_future(), loop.time(), label or client_label(client))
         if timeout_s:
             pending.expiry = loop.call_later(timeout_s, self._expire, pending)
         self.queue.push(pending)
@@ -255,7 +257,7 @@ class Scheduler:
                     if not request.future.done():
                         request.future.set_exception(signal)
                     continue
-                self._metrics.client_tokens.labels(client_label(request.client)).inc(part.job.tokens)
+                self._metrics.count_client_tokens(request.label, part.job.tokens)
                 request.signals.append(signal)
                 request.compute_s += compute_s
                 if part.last and not request.future.done():

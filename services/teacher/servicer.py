@@ -28,12 +28,13 @@ import numpy as np
 from atkd.proto import teacher_pb2 as pb
 from atkd.proto import teacher_pb2_grpc as pb_grpc
 from atkd.proto.codec import encode_signal
+from atkd.proto.metadata import CLIENT_ID_KEY
 from atkd.proto.signal import TeacherSignal
 
 from .auth import BearerToken, client_identity
 from .errors import InvalidArgument, ServiceError
 from .log_limit import RateLimitedLog
-from .metrics import TeacherMetrics
+from .metrics import TeacherMetrics, client_label
 from .request import Limits, parse_request
 from .scheduler import Scheduler
 
@@ -100,9 +101,11 @@ class TeacherServicer(pb_grpc.TeacherServicer):
         for responses in self._streams:
             responses.put_nowait(_WAKE)
 
-    def client(self, context: grpc.aio.ServicerContext) -> str:
-        """The identity that fairness and limits count a call against."""
-        return client_identity(self._auth, context.invocation_metadata(), context.peer())
+    def client(self, context: grpc.aio.ServicerContext) -> tuple[str, str]:
+        """(the identity that fairness and limits count a call against, its name in the metrics)."""
+        metadata = context.invocation_metadata() or ()
+        identity = client_identity(self._auth, metadata, context.peer())
+        return identity, client_label(identity, dict(metadata).get(CLIENT_ID_KEY))
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
         return self._info
@@ -193,7 +196,7 @@ class TeacherServicer(pb_grpc.TeacherServicer):
         self._warnings.warning("malformed", "refused a message that is not a ScoreRequest: %s", request.reason)
         return InvalidArgument(f"the message is not a valid ScoreRequest ({request.reason})")
 
-    async def _score(self, request: pb.ScoreRequest | Malformed, client: str, rpc: str,
+    async def _score(self, request: pb.ScoreRequest | Malformed, client: tuple[str, str], rpc: str,
                      hold_slot: bool = False) -> tuple[pb.ScoreResponse, Callable[[], None]]:
         """(the response, the release of its in-flight slot: a no-op unless ``hold_slot``). Every failure
         is a :class:`ServiceError`: an unexpected one is logged and becomes INTERNAL."""
@@ -201,8 +204,8 @@ class TeacherServicer(pb_grpc.TeacherServicer):
             if isinstance(request, Malformed):
                 raise self._malformed(request)
             job, codec = parse_request(request, self._limits)
-            scored = await self._scheduler.submit(client, job, request.timeout_ms / 1000 or None,
-                                                  hold_slot=hold_slot)
+            scored = await self._scheduler.submit(client[0], job, request.timeout_ms / 1000 or None,
+                                                  hold_slot=hold_slot, label=client[1])
             try:
                 _check_finite(scored.signal)
                 response = pb.ScoreResponse(
@@ -221,7 +224,7 @@ class TeacherServicer(pb_grpc.TeacherServicer):
             self._count(rpc, grpc.StatusCode.INTERNAL)
             cause = f"{type(error).__name__}"
             if self._warnings.allow(f"internal:{cause}")[0]:
-                log.error("%s failed on request %r of %s (answered INTERNAL)", rpc, request.id, client,
+                log.error("%s failed on request %r of %s (answered INTERNAL)", rpc, request.id, client[0],
                           exc_info=error)
             raise ServiceError(f"the teacher failed on this request: {cause}: {error}") from error
         self._count(rpc, grpc.StatusCode.OK)
