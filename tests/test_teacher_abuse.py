@@ -60,7 +60,8 @@ def test_a_stream_that_is_never_read_stops_being_served_and_frees_its_slots_on_c
     big = [[(i * 7 + j) % 500 for j in range(100)] for i in range(10)]  # 1000 tokens: ~270 KB per response
     call = teacher.ScoreStream(iter([request(str(i), big, top_k=64) for i in range(60)]), timeout=60)
     scheduler = server.server.replica.scheduler
-    wait_until(lambda: scheduler.inflight() == 4 and scheduler.idle, what="the stream's 4 slots held, nothing queued")
+    wait_until(lambda: scheduler.inflight() == 4 and scheduler.idle, timeout=60,
+               what="the stream's 4 slots held, nothing queued")
     time.sleep(1.0)  # not a synchronisation: nothing more may be computed while nobody reads
     computed = answered(server)
     # the 4 held responses plus what the HTTP/2 windows took; before the fix all 60 were computed and buffered

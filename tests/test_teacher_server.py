@@ -143,7 +143,7 @@ BAD_REQUESTS = [
     (dict(sequences=[list(range(100))] * 11), "more than max_batch_tokens = 1024"),
     (dict(top_k=65), "top_k = 65 must be in [1, 64]"),
     (dict(codec=5), "codec: unknown codec value 5"),
-    (dict(temperature=-2.0), "temperature = -2 must be in [0.01, 100]"),
+    (dict(temperature=-2.0), "temperature = -2.0 must be in [0.01, 100]"),
     (dict(tail_samples=9), "tail_samples = 9 is above this teacher's maximum 8"),
     (dict(score_mask=[True]), "score_mask has 1 flags for 4 token_ids"),
 ]

@@ -111,7 +111,7 @@ def parse_request(request: pb.ScoreRequest, limits: Limits) -> tuple[ScoreJob, s
         raise InvalidArgument(f"codec: {error}") from None
     temperature = request.temperature or 1.0
     if not (math.isfinite(temperature) and MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
-        raise InvalidArgument(f"temperature = {temperature:g} must be in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}] "
+        raise InvalidArgument(f"temperature = {temperature} must be in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}] "
                               "(0 means 1)")
     if request.tail_samples > limits.max_tail_samples:
         raise InvalidArgument(f"tail_samples = {request.tail_samples} is above this teacher's maximum "
