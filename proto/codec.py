@@ -21,9 +21,15 @@ Optional tail samples add ``(I + 2) * m`` bytes (float16 log-probs) in both code
 
 The arithmetic is numpy's: the server encodes on its event loop while the engine's forward runs, and
 torch would start an OpenMP team for it that competes with the forward's.
+
+Decoding trusts nothing: a message whose tensors disagree in dtype, shape, size or number of positions,
+whose ids are negative (or not below ``vocab_size`` when given), or whose values are NaN, +inf, or -inf
+anywhere but the tail log-prob (log of an empty tail) raises :class:`MalformedSignal` naming the problem.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -51,6 +57,12 @@ _NUMPY = {
     pb.DTYPE_INT64: np.dtype("<i8"),
 }
 _AS_NUMPY = {torch.float32: np.float32, torch.float64: np.float64, torch.int64: np.int64}
+#: The largest finite float16: log-probs below -FP16_MAX are sent as -FP16_MAX (a probability of 0 either way).
+FP16_MAX = float(np.finfo(np.float16).max)
+
+
+class MalformedSignal(ValueError):
+    """A ``Signal`` message that does not describe a valid signal."""
 
 
 def codec_value(name: str) -> int:
@@ -97,7 +109,9 @@ def _read(message: pb.Tensor, as_dtype: type = np.float32) -> np.ndarray:
         raise ValueError(f"unknown tensor dtype {message.dtype}")
     dtype = _NUMPY[message.dtype]
     shape = tuple(message.shape)
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if any(size < 0 for size in shape):
+        raise ValueError(f"tensor shape {shape} has a negative size")
+    expected = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
     if len(message.data) != expected:
         raise ValueError(f"tensor of shape {shape} and dtype {dtype} needs {expected} bytes, got {len(message.data)}")
     return np.frombuffer(message.data, dtype=dtype).reshape(shape).astype(as_dtype)
@@ -120,13 +134,13 @@ def encode_signal(signal: TeacherSignal, codec: str, vocab_size: int) -> pb.Sign
         message.fp16.CopyFrom(pb.Fp16Signal(
             target_logprob=encode_tensor(signal.target_logprob, pb.DTYPE_FLOAT32),
             topk_ids=encode_tensor(signal.topk_ids, ids),
-            topk_logprobs=encode_tensor(signal.topk_logprobs, pb.DTYPE_FLOAT16),
+            topk_logprobs=encode_tensor(_float16_range(signal.topk_logprobs), pb.DTYPE_FLOAT16),
             tail_logprob=encode_tensor(signal.tail_logprob, pb.DTYPE_FLOAT32),
             uncertainty=encode_tensor(signal.uncertainty, pb.DTYPE_FLOAT32),
             entropy=encode_tensor(signal.entropy, pb.DTYPE_FLOAT32),
         ))  # fmt: skip
     elif codec == "q8":
-        logprobs = _numpy(signal.topk_logprobs).astype(np.float32)
+        logprobs = _float16_range(signal.topk_logprobs).astype(np.float32)
         head = logprobs[:, :2].astype(np.float16)
         gaps = np.clip(head[:, -1:].astype(np.float32) - logprobs[:, 2:], 0, Q8_MAX_GAP)
         codes = np.rint(np.sqrt(gaps) * Q8_SCALE)
@@ -147,13 +161,52 @@ def encode_signal(signal: TeacherSignal, codec: str, vocab_size: int) -> pb.Sign
     if signal.tail_sample_ids is not None:
         message.tail_samples.CopyFrom(pb.TailSamples(
             ids=encode_tensor(signal.tail_sample_ids, ids),
-            logprobs=encode_tensor(signal.tail_sample_logprobs, pb.DTYPE_FLOAT16),
+            logprobs=encode_tensor(_float16_range(signal.tail_sample_logprobs), pb.DTYPE_FLOAT16),
         ))  # fmt: skip
     return message
 
 
-def decode_signal(message: pb.Signal) -> TeacherSignal:
-    """The flattened :class:`TeacherSignal` ``[N]`` of a ``Signal`` message (float32, int64 ids)."""
+def _float16_range(values: torch.Tensor) -> np.ndarray:
+    """Log-probs clipped to float16's finite range (NaN stays NaN), so that float16 never turns them into -inf."""
+    return np.clip(_numpy(values), -FP16_MAX, FP16_MAX)
+
+
+def decode_signal(message: pb.Signal, vocab_size: int | None = None) -> TeacherSignal:
+    """The flattened :class:`TeacherSignal` ``[N]`` of a ``Signal`` message (float32, int64 ids); raises
+    :class:`MalformedSignal` if the message is not a valid signal (ids must be below ``vocab_size`` if given)."""
+    try:
+        with np.errstate(all="ignore"):
+            signal = _decode_signal(message)
+        _check_values(signal, vocab_size)
+    except MalformedSignal:
+        raise
+    except (ValueError, IndexError, TypeError, OverflowError) as error:
+        raise MalformedSignal(f"malformed Signal message: {error}") from None
+    return signal
+
+
+def _check_values(signal: TeacherSignal, vocab_size: int | None) -> None:
+    for name in ("topk_ids", "tail_sample_ids"):
+        ids = getattr(signal, name)
+        if ids is None or ids.numel() == 0:
+            continue
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or (vocab_size is not None and high >= vocab_size):
+            raise MalformedSignal(f"malformed Signal message: {name} holds ids in [{low}, {high}], outside "
+                                  f"the vocabulary [0, {vocab_size})")
+    for name in ("target_logprob", "topk_logprobs", "tail_logprob", "uncertainty", "entropy", "tail_sample_logprobs"):
+        values = getattr(signal, name)
+        if values is None:
+            continue
+        array = values.numpy()
+        bad = np.isnan(array) | (array == np.inf)
+        if name != "tail_logprob":
+            bad |= array == -np.inf
+        if bad.any():
+            raise MalformedSignal(f"malformed Signal message: {name} holds non-finite values")
+
+
+def _decode_signal(message: pb.Signal) -> TeacherSignal:
     f32, i64 = torch.float32, torch.int64
     payload = message.WhichOneof("payload")
     if payload == "fp16":
@@ -180,12 +233,12 @@ def decode_signal(message: pb.Signal) -> TeacherSignal:
             entropy=torch.from_numpy(_read(body.entropy) * np.float32(Q8_ENTROPY_STEP)),
         )
     else:
-        raise ValueError("signal message carries no payload (neither fp16 nor q8)")
+        raise MalformedSignal("malformed Signal message: no payload (neither fp16 nor q8)")
     if message.HasField("tail_samples"):
         fields["tail_sample_ids"] = decode_tensor(message.tail_samples.ids, i64)
         fields["tail_sample_logprobs"] = decode_tensor(message.tail_samples.logprobs, f32)
     signal = TeacherSignal(**fields)
     if signal.target_logprob.shape != (message.num_positions,):
-        raise ValueError(f"signal message announces {message.num_positions} positions but carries "
-                         f"{tuple(signal.positions_shape)}")
+        raise MalformedSignal(f"malformed Signal message: it announces {message.num_positions} positions but "
+                              f"carries {tuple(signal.positions_shape)}")
     return signal

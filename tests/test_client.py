@@ -96,9 +96,9 @@ def test_stream_keeps_n_batches_in_flight_and_yields_them_in_order(serve_teacher
     with TeacherClient(server.address, client_id="streamer") as client:
         worker = threading.Thread(target=lambda: results.extend(client.score_stream(batches, in_flight=3, top_k=4)))
         worker.start()
-        wait_until(lambda: server.server.replica.scheduler.inflight("streamer") == 3, what="3 requests in flight")
+        wait_until(lambda: server.server.replica.scheduler.inflight() == 3, what="3 requests in flight")
         time.sleep(0.2)  # not a synchronisation: the 4th request must not go out while 3 are unanswered
-        assert server.server.replica.scheduler.inflight("streamer") == 3
+        assert server.server.replica.scheduler.inflight() == 3
         gated.gate.set()
         worker.join(20)
         assert len(results) == 6

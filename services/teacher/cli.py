@@ -67,8 +67,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TeacherConfig, str]:
     backend = args.pop("backend")
     try:
         return TeacherConfig.load(args.pop("config"), **args), backend
-    except ValidationError as error:
-        serve.error(str(error))
+    except ValidationError as error:  # one line per problem, without pydantic's URLs
+        serve.error("; ".join(f"{'.'.join(map(str, problem['loc'])) or 'config'}: {problem['msg']}"
+                              for problem in error.errors()))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

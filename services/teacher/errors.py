@@ -33,3 +33,7 @@ class DeadlineExceeded(ServiceError):
     """The request waited longer than its ``timeout_ms`` and was dropped before being computed."""
 
     code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class ConfigError(ValueError):
+    """A configuration no replica can serve (refused at start with this one-line message)."""

@@ -15,7 +15,9 @@ does not fit the room left in a batch gives that room the longest prefix of its 
 requests are each a little over half the budget share every batch instead of taking turns at half fill.
 
 Admission (:meth:`FairQueue.admit`): a client may have ``max_inflight_per_client`` requests queued or
-computing, and all clients together ``max_queue_tokens`` queued tokens; beyond that RESOURCE_EXHAUSTED.
+computing (or, for a caller that holds the slot until the response is sent, waiting to be sent), at most
+``max_client_queue_tokens`` queued tokens of its own (a fraction of the queue, so that no client fills it
+alone), and all clients together ``max_queue_tokens`` queued tokens; beyond that RESOURCE_EXHAUSTED.
 
 No clock, no event loop, no threads: the async driver (:mod:`.scheduler`) decides *when* a batch is
 due and calls this to decide *what* goes in it; the tests drive it directly.
@@ -50,10 +52,11 @@ class FairQueue(Generic[Item]):
     """Per-client FIFO queues served by deficit round-robin in tokens, with admission limits."""
 
     def __init__(self, *, max_batch_tokens: int, max_queue_tokens: int, max_inflight_per_client: int,
-                 split_requests: bool = True):
+                 split_requests: bool = True, max_client_queue_tokens: int | None = None):
         self.max_batch_tokens = max_batch_tokens
         self.split_requests = split_requests
         self.max_queue_tokens = max_queue_tokens
+        self.max_client_queue_tokens = max_queue_tokens if max_client_queue_tokens is None else max_client_queue_tokens
         self.max_inflight_per_client = max_inflight_per_client
         self.quantum = max(1, max_batch_tokens // 8)
         self._queues: dict[str, deque[Item]] = {}
@@ -61,6 +64,7 @@ class FairQueue(Generic[Item]):
         self._deficit: Counter[str] = Counter()
         self._visiting = False  # whether ring[0] already got its quantum for the current visit
         self._inflight: Counter[str] = Counter()
+        self._client_queued_tokens: Counter[str] = Counter()
         self.queued_tokens = 0
         self.queued_requests = 0
 
@@ -70,6 +74,10 @@ class FairQueue(Generic[Item]):
         if self._inflight[client] >= self.max_inflight_per_client:
             raise ResourceExhausted(f"client {client!r} already has {self._inflight[client]} requests in flight, the "
                                     f"limit is {self.max_inflight_per_client}: wait for responses before sending more")
+        if self._client_queued_tokens[client] + tokens > self.max_client_queue_tokens:
+            raise ResourceExhausted(f"client {client!r} already has {self._client_queued_tokens[client]} tokens "
+                                    f"queued, its share of the queue is {self.max_client_queue_tokens}: wait for "
+                                    "responses before sending more")
         if self.queued_tokens + tokens > self.max_queue_tokens:
             raise ResourceExhausted(f"the teacher's queue is full ({self.queued_tokens} tokens queued, limit "
                                     f"{self.max_queue_tokens}): retry later or on another replica")
@@ -80,18 +88,27 @@ class FairQueue(Generic[Item]):
         if len(self._queues[item.client]) == 1:
             self._ring.append(item.client)
         self._inflight[item.client] += 1
-        self.queued_tokens += item.tokens
+        self._queued(item.client, item.tokens)
         self.queued_requests += 1
 
     def finished(self, item: Item) -> None:
         """``item`` was answered, failed or cancelled: it no longer counts as in flight (and leaves its
         queue if it was still waiting there)."""
+        self.withdraw(item)
+        self.release(item.client)
+
+    def withdraw(self, item: Item) -> None:
+        """``item`` leaves its queue if it is still waiting there; it keeps its in-flight slot until
+        :meth:`release` (a caller that holds the slot until the response is sent)."""
         if item in self._queues.get(item.client, ()):
             self._queues[item.client].remove(item)
             self._left_queue(item)
-        self._inflight[item.client] -= 1
-        if not self._inflight[item.client]:
-            del self._inflight[item.client]
+
+    def release(self, client: str) -> None:
+        """Free one in-flight slot of ``client`` (taken by :meth:`push`)."""
+        self._inflight[client] -= 1
+        if not self._inflight[client]:
+            del self._inflight[client]
 
     # -- what to run ----------------------------------------------------------------------------------
     @property
@@ -104,8 +121,9 @@ class FairQueue(Generic[Item]):
         """Arrival time of the oldest queued request (None when nothing is queued)."""
         return min((queue[0].arrived for queue in self._queues.values()), default=None)
 
-    def inflight(self, client: str) -> int:
-        return self._inflight[client]
+    def inflight(self, client: str | None = None) -> int:
+        """Requests in flight of ``client`` (of every client if None)."""
+        return self._inflight[client] if client is not None else sum(self._inflight.values())
 
     def take_batch(self) -> list:
         """Deficit round-robin over the ring until the batch has no room for the next request due.
@@ -133,7 +151,7 @@ class FairQueue(Generic[Item]):
             self._deficit[client] -= tokens
             room -= tokens
             if not whole:  # the room is used up by a prefix of the head; the rest stays queued
-                self.queued_tokens -= tokens
+                self._queued(client, -tokens)
                 batch.append(head.take_prefix(tokens))
                 break
             self._left_queue(queue.popleft())
@@ -142,7 +160,7 @@ class FairQueue(Generic[Item]):
 
     def _left_queue(self, item: Item) -> None:
         """Bookkeeping of a request leaving its queue (the caller removed it from the deque)."""
-        self.queued_tokens -= item.tokens
+        self._queued(item.client, -item.tokens)
         self.queued_requests -= 1
         client = item.client
         if not self._queues[client]:
@@ -152,3 +170,10 @@ class FairQueue(Generic[Item]):
             self._ring.remove(client)
             del self._deficit[client]
 
+
+    def _queued(self, client: str, tokens: int) -> None:
+        """Count ``tokens`` more (or fewer) tokens queued, in total and for ``client``."""
+        self.queued_tokens += tokens
+        self._client_queued_tokens[client] += tokens
+        if not self._client_queued_tokens[client]:
+            del self._client_queued_tokens[client]

@@ -20,6 +20,7 @@ from atkd.proto.codec import CODECS
 from .auth import BearerToken
 from .config import TeacherConfig
 from .engine import TeacherEngine
+from .errors import ConfigError
 from .metrics import TeacherMetrics
 from .request import Limits
 from .scheduler import Scheduler
@@ -35,7 +36,9 @@ class Replica:
         self.engine = engine
         self.metrics = metrics or TeacherMetrics()
         self.metrics.forwarded_tokens.set_function(lambda: engine.forwarded_tokens)
-        self.auth = BearerToken.from_config(config.auth_token_file, config.auth_token_env)
+        self.auth = BearerToken.from_config(config.auth_token_file, config.auth_token_env, config.auth_tokens_file)
+        if config.top_k_max > engine.vocab_size:
+            raise ConfigError(f"top_k_max = {config.top_k_max} is above the model's vocabulary of {engine.vocab_size}")
         self.limits = Limits(vocab_size=engine.vocab_size, max_seq_len=engine.max_seq_len,
                              max_batch_tokens=config.max_batch_tokens, max_top_k=config.top_k_max,
                              max_tail_samples=config.max_tail_samples)
@@ -50,8 +53,10 @@ class Replica:
             engine.score, self.metrics, max_batch_tokens=config.max_batch_tokens,
             max_wait_s=config.max_wait_ms / 1000, max_queue_tokens=config.queue_tokens,
             max_inflight_per_client=config.max_inflight_per_client, split_requests=config.split_requests,
+            max_client_queue_tokens=config.client_queue_tokens,
         )  # fmt: skip
-        self.servicer = TeacherServicer(self.info, self.limits, self.scheduler, self.metrics)
+        self.servicer = TeacherServicer(self.info, self.limits, self.scheduler, self.metrics, self.auth,
+                                        stream_window=config.max_inflight_per_client)
 
     @classmethod
     async def load(cls, config: TeacherConfig, metrics: TeacherMetrics | None = None,

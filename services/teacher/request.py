@@ -21,6 +21,10 @@ from atkd.proto.codec import codec_name
 
 from .errors import InvalidArgument
 
+#: Temperatures a request may ask for: outside, logits / T overflows or flattens the distribution to noise
+#: (and a subnormal T turned every signal into NaN and -inf).
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -99,15 +103,16 @@ def parse_request(request: pb.ScoreRequest, limits: Limits) -> tuple[ScoreJob, s
     if request.score_mask and len(request.score_mask) != ids.size:
         raise InvalidArgument(f"score_mask has {len(request.score_mask)} flags for {ids.size} token_ids "
                               "(give one per token, or none to score every position)")
-    if not 1 <= request.top_k <= limits.max_top_k:
-        raise InvalidArgument(f"top_k = {request.top_k} must be in [1, {limits.max_top_k}]")
+    if not 1 <= request.top_k <= min(limits.max_top_k, limits.vocab_size):
+        raise InvalidArgument(f"top_k = {request.top_k} must be in [1, {min(limits.max_top_k, limits.vocab_size)}]")
     try:
         codec = codec_name(request.codec)
     except ValueError as error:
         raise InvalidArgument(f"codec: {error}") from None
     temperature = request.temperature or 1.0
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise InvalidArgument(f"temperature = {temperature} must be a finite number > 0 (0 means 1)")
+    if not (math.isfinite(temperature) and MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
+        raise InvalidArgument(f"temperature = {temperature} must be in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}] "
+                              "(0 means 1)")
     if request.tail_samples > limits.max_tail_samples:
         raise InvalidArgument(f"tail_samples = {request.tail_samples} is above this teacher's maximum "
                               f"{limits.max_tail_samples}")

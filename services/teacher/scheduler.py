@@ -12,13 +12,16 @@ adds time: futures, deadlines, the worker thread and metrics. One turn of :meth:
     await self._run_batch(batch)           # engine on the worker thread; answer every future
 
 A request whose caller is cancelled, or whose ``timeout_s`` runs out while queued (DEADLINE_EXCEEDED),
-leaves its queue at once and is never computed.
+leaves its queue at once and is never computed. A batch that fails in the engine is run again job by
+job, so that a job the engine cannot compute fails alone, never the requests of others beside it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,7 +30,7 @@ from atkd.proto.signal import TeacherSignal, concat_signals
 
 from .errors import DeadlineExceeded, ServiceError, Unavailable
 from .fair_queue import FairQueue
-from .metrics import TeacherMetrics
+from .metrics import TeacherMetrics, client_label
 from .request import ScoreJob
 
 log = logging.getLogger(__name__)
@@ -37,12 +40,14 @@ Compute = Callable[[Sequence[ScoreJob]], list[TeacherSignal]]
 
 @dataclass(frozen=True)
 class Scored:
-    """A request's signal with where its time went (seconds)."""
+    """A request's signal with where its time went (seconds). ``release`` frees the request's in-flight
+    slot when the caller asked to hold it (:meth:`Scheduler.submit`'s ``hold_slot``); a no-op otherwise."""
 
     signal: TeacherSignal
     queue_s: float
     compute_s: float
     batch_tokens: int
+    release: Callable[[], None] = field(default=lambda: None, compare=False, repr=False)
 
 
 @dataclass(eq=False)
@@ -53,6 +58,7 @@ class _Pending:
     job: ScoreJob
     future: asyncio.Future[Scored]
     arrived: float
+    label: str = ""  # the client's name in the metrics
     expiry: asyncio.TimerHandle | None = field(default=None, repr=False)
     started: float | None = None  # when its first part's batch started
     signals: list[TeacherSignal] = field(default_factory=list, repr=False)  # of its parts computed so far
@@ -93,6 +99,7 @@ class Scheduler:
         max_queue_tokens: int,
         max_inflight_per_client: int,
         split_requests: bool = True,
+        max_client_queue_tokens: int | None = None,
     ):
         self._compute = compute
         self._metrics = metrics
@@ -101,7 +108,8 @@ class Scheduler:
         self.queue: FairQueue[_Pending] = FairQueue(max_batch_tokens=max_batch_tokens,
                                                     max_queue_tokens=max_queue_tokens,
                                                     max_inflight_per_client=max_inflight_per_client,
-                                                    split_requests=split_requests)
+                                                    split_requests=split_requests,
+                                                    max_client_queue_tokens=max_client_queue_tokens)
         self._computing = False
         self._closing = False
         self._wake = asyncio.Event()
@@ -117,16 +125,22 @@ class Scheduler:
         """True when the queue has no room left for a request of ``max_batch_tokens``."""
         return self.queue.saturated
 
-    def inflight(self, client: str) -> int:
+    def inflight(self, client: str | None = None) -> int:
+        """Requests in flight of ``client`` (of every client if None)."""
         return self.queue.inflight(client)
 
     def start(self) -> None:
         """Start the batching loop (in the running event loop)."""
         self._task = asyncio.get_running_loop().create_task(self._run(), name="teacher-scheduler")
 
-    async def submit(self, client: str, job: ScoreJob, timeout_s: float | None = None) -> Scored:
+    async def submit(self, client: str, job: ScoreJob, timeout_s: float | None = None, *,
+                     hold_slot: bool = False, label: str | None = None) -> Scored:
         """Queue ``job`` for ``client`` and wait for its signal.
 
+        The request holds one of the client's in-flight slots until it is answered, or, with ``hold_slot``,
+        until the caller calls the result's ``release`` (once its response is sent: a client that does
+        not read its responses then runs out of slots instead of piling them up in the server).
+        ``label``: the client's name in the metrics (default :func:`~.metrics.client_label` of ``client``).
         Raises RESOURCE_EXHAUSTED (client or queue full), UNAVAILABLE (closing), DEADLINE_EXCEEDED
         (``timeout_s`` ran out before the job was batched) as :class:`ServiceError` s.
         """
@@ -134,14 +148,29 @@ class Scheduler:
             raise Unavailable("the teacher is shutting down: retry on another replica")
         self.queue.admit(client, job.tokens)
         loop = asyncio.get_running_loop()
-        pending = _Pending(client, job, loop.create_future(), loop.time())
+        pending = _Pending(client, job, loop.create_future(), loop.time(), label or client_label(client))
         if timeout_s:
             pending.expiry = loop.call_later(timeout_s, self._expire, pending)
         self.queue.push(pending)
         self._idle.clear()
-        pending.future.add_done_callback(lambda _: self._finished(pending))
+        pending.future.add_done_callback(lambda future: self._finished(pending, hold_slot and _succeeded(future)))
         self._wake.set()
-        return await pending.future
+        try:
+            scored = await pending.future
+        except asyncio.CancelledError:  # cancelled after the answer came: nobody will release the held slot
+            if hold_slot and pending.future.done() and _succeeded(pending.future):
+                self.queue.release(client)
+            raise
+        if not hold_slot:
+            return scored
+        released = []
+
+        def release() -> None:
+            if not released:
+                released.append(True)
+                self.queue.release(client)
+
+        return dataclasses.replace(scored, release=release)
 
     def close(self) -> None:
         """Refuse new requests (UNAVAILABLE) and run what is queued without waiting for full batches."""
@@ -217,21 +246,18 @@ class Scheduler:
         self._metrics.batch_clients.observe(len({part.request.client for part in batch}))
         self._metrics.batch_fill.observe(tokens / self.max_batch_tokens)
         try:
-            signals = await loop.run_in_executor(self._executor, self._compute, jobs)
-        except Exception as error:  # an engine failure fails this batch, not the server
-            log.exception("teacher engine failed on a batch of %d requests", len(batch))
-            failure = ServiceError(f"the teacher engine failed: {type(error).__name__}: {error}")
-            for part in batch:
-                if not part.request.future.done():
-                    part.request.future.set_exception(failure)
-        else:
+            signals = await loop.run_in_executor(self._executor, self._compute_isolated, jobs)
             compute_s = loop.time() - started
             self._metrics.forward_seconds.observe(compute_s)
             self._metrics.tokens.inc(tokens)
             self._metrics.positions.inc(sum(job.num_positions for job in jobs))
             for part, signal in zip(batch, signals, strict=True):
                 request = part.request
-                self._metrics.client_tokens.labels(request.client).inc(part.job.tokens)
+                if isinstance(signal, ServiceError):  # this job failed alone; the others go on
+                    if not request.future.done():
+                        request.future.set_exception(signal)
+                    continue
+                self._metrics.count_client_tokens(request.label, part.job.tokens)
                 request.signals.append(signal)
                 request.compute_s += compute_s
                 if part.last and not request.future.done():
@@ -241,15 +267,48 @@ class Scheduler:
                     if not request.future.done():  # the caller may have gone while the parts were joined
                         request.future.set_result(Scored(whole, request.started - request.arrived,
                                                          request.compute_s, tokens))
+        except Exception as error:  # a failure outside the engine fails this batch, not the server
+            log.exception("the scheduler failed on a batch of %d requests", len(batch))
+            failure = ServiceError(f"the teacher failed on this batch: {type(error).__name__}: {error}")
+            for part in batch:
+                if not part.request.future.done():
+                    part.request.future.set_exception(failure)
         finally:
             self._computing = False
             self._update_idle()
 
-    def _finished(self, pending: _Pending) -> None:
-        """Done callback of every request's future: result, error, cancellation or expiry."""
+    def _compute_isolated(self, jobs: Sequence[ScoreJob]) -> list[TeacherSignal | ServiceError]:
+        """``compute(jobs)`` on the worker thread; if the batch fails, each job alone, so that a job the
+        engine cannot compute gets its own error (logged) and the others their signals."""
+        try:
+            return self._compute(jobs)
+        except Exception:
+            if len(jobs) == 1:
+                return [self._engine_failure(jobs[0])]
+        return [self._compute_one(job) for job in jobs]
+
+    def _compute_one(self, job: ScoreJob) -> TeacherSignal | ServiceError:
+        try:
+            return self._compute([job])[0]
+        except Exception:
+            return self._engine_failure(job)
+
+    def _engine_failure(self, job: ScoreJob) -> ServiceError:
+        """The error answered for a job the engine failed on (logged, with its traceback, from the
+        ``except`` block that caught it)."""
+        error = sys.exc_info()[1]
+        log.exception("the teacher engine failed on a job of %d tokens", job.tokens)
+        return ServiceError(f"the teacher engine failed on this request: {type(error).__name__}: {error}")
+
+    def _finished(self, pending: _Pending, hold_slot: bool = False) -> None:
+        """Done callback of every request's future: result, error, cancellation or expiry. With
+        ``hold_slot`` the request leaves the queue but keeps its in-flight slot (see :meth:`submit`)."""
         if pending.expiry is not None:
             pending.expiry.cancel()
-        self.queue.finished(pending)
+        if hold_slot:
+            self.queue.withdraw(pending)
+        else:
+            self.queue.finished(pending)
         self._update_idle()
 
     def _expire(self, pending: _Pending) -> None:
@@ -261,3 +320,7 @@ class Scheduler:
     def _update_idle(self) -> None:
         if not self.queue.queued_requests and not self._computing:
             self._idle.set()
+
+
+def _succeeded(future: asyncio.Future) -> bool:
+    return not future.cancelled() and future.exception() is None

@@ -32,26 +32,19 @@ from atkd.proto import teacher_pb2 as pb
 from atkd.proto import teacher_pb2_grpc as pb_grpc
 
 from .auth import BearerTokenInterceptor
-from .config import TeacherConfig
+from .config import TeacherConfig, message_limits
 from .engine import TeacherEngine
+from .errors import ConfigError
 from .http import create_app
+from .log_limit import RateLimitFilter
 from .metrics import TeacherMetrics
 from .ready import Ready, remove_ready, write_ready
 from .replica import Replica
+from .servicer import DecodeGuard
 
 log = logging.getLogger(__name__)
 
 TEACHER_SERVICE = pb.DESCRIPTOR.services_by_name["Teacher"].full_name
-
-
-def message_limits(config: TeacherConfig) -> tuple[int, int]:
-    """(receive, send) gRPC message limits in bytes that fit the largest request and response the
-    config allows: per token at most 16 request bytes (id, mask flag, length), and at most 6 bytes per
-    top-k entry and tail sample (int32 id, fp16 log-prob) plus 16 of scalars in the response."""
-    slack = 1 << 16
-    receive = 16 * config.max_batch_tokens + slack
-    send = config.max_batch_tokens * (6 * config.top_k_max + 6 * config.max_tail_samples + 16) + slack
-    return receive, send
 
 
 class _EmbeddedUvicorn(uvicorn.Server):
@@ -105,7 +98,7 @@ class TeacherServer:
         info = replica.info
         log.info("atkd-teacher serving %s (V=%d, %s on %s): gRPC on %s:%d, HTTP on %s:%d", info.model_id,
                  info.vocab_size, info.dtype, info.device, self.config.host, self.grpc_port,
-                 self.config.host, self.http_port)
+                 self.http_host, self.http_port)
         if self.config.ready_file is not None:
             write_ready(self.config.ready_file, Ready(pid=os.getpid(), host=self.config.host, grpc_port=self.grpc_port,
                                                       http_port=self.http_port, model_id=info.model_id))
@@ -135,10 +128,18 @@ class TeacherServer:
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
+    @property
+    def http_host(self) -> str:
+        return self.config.http_host or self.config.host
+
     async def _start_http(self) -> None:
-        app = create_app(self.readiness, lambda: self.info, self.metrics)
-        config = uvicorn.Config(app, host=self.config.host, port=self.config.http_port, log_config=None,
+        # /v1/info and /metrics follow the gRPC side's auth (the policy is read once the replica exists)
+        app = create_app(self.readiness, lambda: self.info, self.metrics,
+                         authorize=lambda headers: self.replica is None or self.replica.auth is None
+                         or self.replica.auth.allows(headers), metrics_public=self.config.metrics_public)
+        config = uvicorn.Config(app, host=self.http_host, port=self.config.http_port, log_config=None,
                                 access_log=False, lifespan="off")
+        _limit_library_logs()
         sock = config.bind_socket()
         self.http_port = sock.getsockname()[1]
         self._http = _EmbeddedUvicorn(config)
@@ -151,8 +152,11 @@ class TeacherServer:
     async def _start_grpc(self) -> None:
         config, replica = self.config, self.replica
         receive, send = message_limits(config)
+        # auth first: an unauthenticated caller's bytes are never parsed; then requests that do not parse
+        # reach the servicer as Malformed (INVALID_ARGUMENT) instead of a logged traceback each
+        interceptors = ([BearerTokenInterceptor(replica.auth)] if replica.auth else []) + [DecodeGuard()]
         server = grpc.aio.server(
-            interceptors=[BearerTokenInterceptor(replica.auth)] if replica.auth else None,
+            interceptors=interceptors,
             options=[("grpc.max_receive_message_length", receive), ("grpc.max_send_message_length", send),
                      # accept the clients' keepalive pings (every 30 s by default) even while a batch computes
                      ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
@@ -165,7 +169,10 @@ class TeacherServer:
         reflection.enable_server_reflection((TEACHER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         host = f"[{config.host}]" if ":" in config.host else config.host
         if config.tls_cert is not None:
-            credentials = grpc.ssl_server_credentials([(config.tls_key.read_bytes(), config.tls_cert.read_bytes())])
+            client_ca = config.tls_client_ca.read_bytes() if config.tls_client_ca is not None else None
+            credentials = grpc.ssl_server_credentials([(config.tls_key.read_bytes(), config.tls_cert.read_bytes())],
+                                                      root_certificates=client_ca,
+                                                      require_client_auth=client_ca is not None)
             self.grpc_port = server.add_secure_port(f"{host}:{config.port}", credentials)
         else:
             self.grpc_port = server.add_insecure_port(f"{host}:{config.port}")
@@ -179,7 +186,21 @@ def run(config: TeacherConfig) -> None:
     transformers.utils.logging.disable_progress_bar()
     if config.threads is not None:
         torch.set_num_threads(config.threads)
-    asyncio.run(_serve(config))
+    try:
+        asyncio.run(_serve(config))
+    except ConfigError as error:  # an impossible config: one line, no traceback
+        log.error("atkd-teacher: %s", error)
+        raise SystemExit(2) from None
+
+
+def _limit_library_logs() -> None:
+    """uvicorn warns once per malformed HTTP request ("Invalid HTTP request received."), and grpcio logs a
+    traceback each time a client cancels a stream while a response is being written: once a minute per
+    message is enough, whoever causes them."""
+    for name in ("uvicorn.error", "grpc._cython.cygrpc"):
+        library_log = logging.getLogger(name)
+        if not any(isinstance(f, RateLimitFilter) for f in library_log.filters):
+            library_log.addFilter(RateLimitFilter())
 
 
 async def _serve(config: TeacherConfig) -> None:

@@ -70,17 +70,27 @@ def channel_target(address: str | Sequence[str]) -> str:
 
 
 def open_channel(address: str | Sequence[str], *, tls_root_cert: Path | bytes | bool | None = None,
+                 tls_client_cert: tuple[Path | bytes, Path | bytes] | None = None,
                  keepalive_s: float = 30.0) -> grpc.Channel:
     """A channel to ``address`` with :func:`service_config`, unlimited message sizes and HTTP/2 keepalive
     pings every ``keepalive_s`` (so that a replica that vanished without closing its connection is noticed).
     ``tls_root_cert``: PEM (a path or bytes) of the CA to trust, or True for the system roots, to connect
-    over TLS; None or False for a plain connection."""
-    options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1),
+    over TLS; None or False for a plain connection. ``tls_client_cert``: PEM (paths or bytes) of this
+    client's (certificate chain, private key), for a teacher that requires client certificates (mTLS)."""
+    # a connection of its own (gRPC would share one between channels of equal options in a process): the
+    # teacher tells clients apart by connection when they carry no token of their own
+    options = [("grpc.use_local_subchannel_pool", 1),
+               ("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1),
                ("grpc.service_config", json.dumps(service_config())), ("grpc.enable_retries", 1),
                ("grpc.keepalive_time_ms", int(keepalive_s * 1000)), ("grpc.keepalive_timeout_ms", 10_000)]
     target = channel_target(address)
     if not tls_root_cert:
         return grpc.insecure_channel(target, options)
-    roots = None if tls_root_cert is True else (
-        tls_root_cert if isinstance(tls_root_cert, bytes) else Path(tls_root_cert).read_bytes())
-    return grpc.secure_channel(target, grpc.ssl_channel_credentials(roots), options)
+    roots = None if tls_root_cert is True else _pem(tls_root_cert)
+    chain, key = (None, None) if tls_client_cert is None else map(_pem, tls_client_cert)
+    credentials = grpc.ssl_channel_credentials(roots, private_key=key, certificate_chain=chain)
+    return grpc.secure_channel(target, credentials, options)
+
+
+def _pem(source: Path | bytes) -> bytes:
+    return source if isinstance(source, bytes) else Path(source).read_bytes()
