@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,11 +32,18 @@ from safetensors.torch import load_file
 
 from atkd.proto import teacher_pb2 as pb
 from atkd.proto import teacher_pb2_grpc as pb_grpc
+from atkd.proto.fingerprint import weights_digest
 from atkd.services.teacher.faults import FAULT_DELAY_ENV
 from atkd.student.client import ScoreBatch, TeacherClient, TeacherRevisionError
+from atkd.student.client.replicas import Replicas
 from atkd.student.demo.teacher_process import TeacherProcess, teacher_process
+from atkd.student.models import load_model
+from atkd.student.teachers import CacheMismatchError, SignalCache
 from atkd.student.trainer import cli, loop
+from atkd.student.trainer.cli import export_cache
 from atkd.student.trainer.loop import train
+from atkd.student.trainer.parts import build_teacher, load_examples, load_tokenizer
+from tests.teacher_harness import wait_until
 from tests.test_trainer import REPO, run_config
 
 STEPS = 12
@@ -291,6 +299,25 @@ def test_past_the_budget_the_run_stops_with_a_clear_error_and_a_checkpoint_that_
     assert_same_weights(reference, config.output_dir / "final")
 
 
+# --- replica health ------------------------------------------------------------------------------------
+
+def test_an_ejected_replica_is_readmitted_only_once_a_probe_answers(serve_teacher):
+    live = serve_teacher()
+    replicas = Replicas([live.address, "127.0.0.1:1"], eject_s=0.2)  # nothing listens on port 1
+    alive, dead = replicas.all
+    try:
+        for endpoint in (alive, dead):
+            replicas.failed(endpoint)
+        assert replicas.pick() == (alive, False)  # both ejected: the one whose period ends first, not fresh
+        time.sleep(0.25)
+        replicas.pick()  # the periods are over: both are probed in the background
+        wait_until(lambda: alive.probe is None and dead.probe is None, what="the probes")
+        assert alive.failures == 0 and dead.failures == 2  # readmitted; ejected again, for 0.4 s
+        assert [replicas.pick(), replicas.pick()] == [(alive, True), (alive, True)]  # the dead one is skipped
+    finally:
+        replicas.close()
+
+
 # --- revisions ------------------------------------------------------------------------------------------
 
 def _with_revision(engine, revision: str):
@@ -329,6 +356,26 @@ def test_a_required_revision_is_checked_before_the_first_batch(serve_teacher):
     server = serve_teacher()
     with TeacherClient(server.address, revision="not-served") as client, pytest.raises(TeacherRevisionError):
         client.check()
+
+
+def test_a_cache_run_requiring_a_revision_refuses_a_cache_of_another(tmp_path, corpus, student, tiny_model_dir):
+    small = tmp_path / "small.txt"  # a few dozen examples: the export is not what is tested here
+    small.write_text(corpus["train"].read_text()[:4000])
+    corpus = {"train": small, "eval": small}
+    local = {"mode": "local", "model": str(tiny_model_dir), "top_k": 8, "tail_samples": 0}
+    export_cache(run_config(tmp_path, corpus, student, local), tmp_path / "cache", shard_size=64)
+    recorded = SignalCache(tmp_path / "cache").manifest.teacher_revision
+    assert recorded == weights_digest(tiny_model_dir)
+    tokenizer = load_tokenizer(student)
+
+    def cache_run(revision: str):
+        config = run_config(tmp_path, corpus, student, {"mode": "cache", "cache_dir": str(tmp_path / "cache"),
+                                                        "top_k": 8, "tail_samples": 0, "revision": revision})
+        return build_teacher(config.teacher, tokenizer, load_model(student), load_examples(config.data, tokenizer))
+
+    cache_run(recorded).close()
+    with pytest.raises(CacheMismatchError, match="teacher_revision='.*', this run needs 'another-revision'"):
+        cache_run("another-revision")
 
 
 # --- separate network namespaces ------------------------------------------------------------------------

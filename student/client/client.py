@@ -119,7 +119,8 @@ class TeacherClient:
         self._metadata = ((CLIENT_ID_KEY, self.client_id),) + (((AUTHORIZATION_KEY, bearer(token)),) if token else ())
         if application:
             self._metadata += ((APPLICATION_KEY, application),)
-        self.replicas = Replicas(address, tls_root_cert=tls_root_cert, keepalive_s=keepalive_s)
+        self.replicas = Replicas(address, tls_root_cert=tls_root_cert, keepalive_s=keepalive_s, metadata=self._metadata,
+                                 probe_timeout_s=min(timeout or 5.0, 5.0))
 
     def info(self) -> TeacherInfo:
         """The Info of a teacher replica (fetched on every call; each replica is tried once)."""
