@@ -21,6 +21,7 @@ from .auth import BearerToken
 from .config import TeacherConfig
 from .engine import TeacherEngine
 from .errors import ConfigError
+from .faults import with_injected_delay
 from .metrics import TeacherMetrics
 from .request import Limits
 from .scheduler import Scheduler
@@ -50,7 +51,7 @@ class Replica:
             dtype=str(engine.dtype).removeprefix("torch."), device=str(engine.device),
         )  # fmt: skip
         self.scheduler = Scheduler(
-            engine.score, self.metrics, max_batch_tokens=config.max_batch_tokens,
+            with_injected_delay(engine.score), self.metrics, max_batch_tokens=config.max_batch_tokens,
             max_wait_s=config.max_wait_ms / 1000, max_queue_tokens=config.queue_tokens,
             max_inflight_per_client=config.max_inflight_per_client, split_requests=config.split_requests,
             max_client_queue_tokens=config.client_queue_tokens,

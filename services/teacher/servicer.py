@@ -213,6 +213,7 @@ class TeacherServicer(pb_grpc.TeacherServicer):
                     signal=encode_signal(scored.signal, codec, self._limits.vocab_size),
                     timing=pb.Timing(queue_ms=scored.queue_s * 1e3, compute_ms=scored.compute_s * 1e3,
                                      batch_tokens=scored.batch_tokens),
+                    model_revision=self._info.model_revision,
                 )  # fmt: skip
             except BaseException:
                 scored.release()

@@ -1,18 +1,21 @@
 """The student's client of the teacher logit service (``services/teacher``).
 
-:mod:`.client` (:class:`TeacherClient`, :class:`TeacherInfo`), :mod:`.channel` (target, balancing and
-retries over replicas), :mod:`.batch` (:class:`ScoreBatch`: packing, alignment, unpacking),
-:mod:`.pending` (:class:`PendingScore`: retries with backoff), :mod:`.errors` (:class:`TeacherError`).
+:mod:`.client` (:class:`TeacherClient`, :class:`TeacherInfo`), :mod:`.replicas` (one channel per replica,
+health and ejection), :mod:`.channel` (one channel: target, balancing, gRPC retries, keepalive, TLS),
+:mod:`.batch` (:class:`ScoreBatch`: packing, alignment, unpacking), :mod:`.pending` (:class:`PendingCall`:
+deadline per attempt, failover and backoff within a budget), :mod:`.errors` (:class:`TeacherError`,
+:class:`TeacherRevisionError`).
 """
 
 from atkd.proto.fingerprint import TeacherMismatchError
 
 from .batch import ScoreBatch, next_token_targets
 from .client import TeacherClient, TeacherInfo
-from .errors import TeacherError
-from .pending import PendingScore
+from .errors import TeacherError, TeacherRevisionError
+from .pending import PendingCall
 
 __all__ = [
-    "PendingScore", "ScoreBatch", "TeacherClient", "TeacherError", "TeacherInfo", "TeacherMismatchError",
+    "PendingCall", "ScoreBatch", "TeacherClient", "TeacherError", "TeacherInfo", "TeacherMismatchError",
+    "TeacherRevisionError",
     "next_token_targets",
 ]

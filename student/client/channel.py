@@ -71,9 +71,11 @@ def channel_target(address: str | Sequence[str]) -> str:
 
 def open_channel(address: str | Sequence[str], *, tls_root_cert: Path | bytes | bool | None = None,
                  tls_client_cert: tuple[Path | bytes, Path | bytes] | None = None,
-                 keepalive_s: float = 30.0) -> grpc.Channel:
+                 keepalive_s: float = 30.0, retries: bool = True) -> grpc.Channel:
     """A channel to ``address`` with :func:`service_config`, unlimited message sizes and HTTP/2 keepalive
     pings every ``keepalive_s`` (so that a replica that vanished without closing its connection is noticed).
+    A lost connection is retried after at most 5 s (gRPC's default backs off to 120 s), so a restarted
+    replica is found soon. ``retries=False`` turns gRPC's retries off (for a caller that fails over itself).
     ``tls_root_cert``: PEM (a path or bytes) of the CA to trust, or True for the system roots, to connect
     over TLS; None or False for a plain connection. ``tls_client_cert``: PEM (paths or bytes) of this
     client's (certificate chain, private key), for a teacher that requires client certificates (mTLS)."""
@@ -81,8 +83,9 @@ def open_channel(address: str | Sequence[str], *, tls_root_cert: Path | bytes | 
     # teacher tells clients apart by connection when they carry no token of their own
     options = [("grpc.use_local_subchannel_pool", 1),
                ("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1),
-               ("grpc.service_config", json.dumps(service_config())), ("grpc.enable_retries", 1),
-               ("grpc.keepalive_time_ms", int(keepalive_s * 1000)), ("grpc.keepalive_timeout_ms", 10_000)]
+               ("grpc.service_config", json.dumps(service_config())), ("grpc.enable_retries", int(retries)),
+               ("grpc.keepalive_time_ms", int(keepalive_s * 1000)), ("grpc.keepalive_timeout_ms", 10_000),
+               ("grpc.initial_reconnect_backoff_ms", 500), ("grpc.max_reconnect_backoff_ms", 5_000)]
     target = channel_target(address)
     if not tls_root_cert:
         return grpc.insecure_channel(target, options)

@@ -1,18 +1,25 @@
 """The student's side of the teacher service: batches of token ids out, :class:`TeacherSignal` s back.
 
-:class:`TeacherClient` holds the channel (:mod:`.channel`: one or several replicas, load balancing,
-gRPC retries), packs each batch (:mod:`.batch`, with the alignment of the teacher's signal), and sends
-it as a unary call retried with backoff (:mod:`.pending`) or over a stream with several batches in
-flight (:meth:`TeacherClient.score_stream`).
+:class:`TeacherClient` holds the replicas (:mod:`.replicas`: one channel per address, round robin over the
+healthy ones, a failed one ejected for a while), packs each batch (:mod:`.batch`, with the alignment of
+the teacher's signal), and sends it as a unary call with a deadline per attempt, failed over to another
+replica or retried with backoff within a budget (:mod:`.pending`), or over a stream with several batches
+in flight (:meth:`TeacherClient.score_stream`).
 
 Before the first batch the client compares the teacher's ``Info`` with the student through the one
 compatibility check, :func:`atkd.proto.fingerprint.check_same_tokenizer`: the vocabulary size, and the
 tokenizer fingerprint (:func:`atkd.proto.fingerprint.tokenizer_fingerprint`) when both sides have one;
 a teacher without a tokenizer publishes an empty hash and only its size is checked.
+
+The client also pins the teacher's model revision: the one asked for (``revision``), else the one the
+first ``Info`` (or the first response) publishes. Every response carries the revision of the replica
+that computed it, and a response of another revision raises :class:`TeacherRevisionError` (one run,
+one teacher) unless ``allow_revision_change`` is set.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -26,16 +33,17 @@ import grpc
 import torch
 
 from atkd.proto import teacher_pb2 as pb
-from atkd.proto import teacher_pb2_grpc as pb_grpc
 from atkd.proto.codec import codec_name, codec_value, decode_signal
 from atkd.proto.fingerprint import check_same_tokenizer, tokenizer_fingerprint
 from atkd.proto.metadata import APPLICATION_KEY, AUTHORIZATION_KEY, CLIENT_ID_KEY, bearer
 from atkd.proto.signal import TeacherSignal
 
 from .batch import ScoreBatch
-from .channel import open_channel
-from .errors import TeacherError, status_code, teacher_errors
-from .pending import PendingScore
+from .errors import TeacherError, TeacherRevisionError, status_code, teacher_errors
+from .pending import PendingCall
+from .replicas import Endpoint, Replicas
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -56,15 +64,18 @@ class TeacherInfo:
 
 
 class TeacherClient:
-    """A connection to one teacher endpoint (a replica or a load balancer in front of replicas).
+    """A connection to the replicas of one teacher (one address, or several; see :mod:`.replicas`).
 
     ``tokenizer`` / ``vocab_size`` describe the student: ``vocab_size`` is the width of its logits
     (default ``len(tokenizer)``; pass the model's ``config.vocab_size`` if it pads its vocabulary).
     ``token`` / ``token_file``: bearer token for a server started with auth. ``tls_root_cert``: PEM
     of the CA to trust (or True for the system roots) to connect over TLS. ``top_k``, ``codec``
-    and ``timeout`` (seconds per unary call) are defaults that every call may override.
-    ``address``: one endpoint, or a list of replicas (see :mod:`.channel`). ``retry_budget``: seconds
-    :class:`~.pending.PendingScore` keeps retrying a batch on :data:`~.channel.RETRYABLE` failures.
+    and ``timeout`` (deadline of one attempt of a unary call, seconds) are defaults that every call may
+    override. ``address``: one endpoint, or a list of replicas (see :mod:`.replicas`). ``retry_budget``:
+    seconds :class:`~.pending.PendingCall` keeps failing a batch over or retrying it on
+    :data:`~.pending.FAILOVER` failures (a hung replica's deadline included); ``Info`` tries each replica
+    once. ``revision``: the teacher revision this client requires (default: the first one it sees);
+    ``allow_revision_change``: accept responses of another revision (logged once per revision).
     ``keepalive_s``: HTTP/2 ping interval, so that a replica that vanished without closing its connection
     is noticed.
     ``application``: the Ray Serve application to route to (sent as the ``application`` metadata that
@@ -87,6 +98,8 @@ class TeacherClient:
         timeout: float | None = 60.0,
         retry_budget: float = 60.0,
         keepalive_s: float = 30.0,
+        revision: str | None = None,
+        allow_revision_change: bool = False,
     ):
         codec_value(codec)  # fail early on a typo
         self.address = address if isinstance(address, str) else ",".join(address)
@@ -97,19 +110,23 @@ class TeacherClient:
         self._expected_vocab = vocab_size if vocab_size is not None or tokenizer is None else len(tokenizer)
         self._expected_hash = tokenizer_fingerprint(tokenizer) if tokenizer is not None else ""
         self._info: TeacherInfo | None = None
+        self.revision = revision or None  # pinned by check() or the first response when not given
+        self.allow_revision_change = allow_revision_change
+        self._revisions_seen = {revision} if revision else set()
         self.client_id = client_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         if token_file is not None:
             token = Path(token_file).read_text().strip()
         self._metadata = ((CLIENT_ID_KEY, self.client_id),) + (((AUTHORIZATION_KEY, bearer(token)),) if token else ())
         if application:
             self._metadata += ((APPLICATION_KEY, application),)
-        self._channel = open_channel(address, tls_root_cert=tls_root_cert, keepalive_s=keepalive_s)
-        self._stub = pb_grpc.TeacherStub(self._channel)
+        self.replicas = Replicas(address, tls_root_cert=tls_root_cert, keepalive_s=keepalive_s, metadata=self._metadata,
+                                 probe_timeout_s=min(timeout or 5.0, 5.0))
 
     def info(self) -> TeacherInfo:
-        """The teacher's Info (fetched on every call)."""
-        with teacher_errors():
-            reply = self._stub.Info(pb.InfoRequest(), metadata=self._metadata, timeout=self.timeout)
+        """The Info of a teacher replica (fetched on every call; each replica is tried once)."""
+        reply = PendingCall(self.replicas, lambda endpoint: endpoint.stub.Info.future(
+            pb.InfoRequest(), metadata=self._metadata, timeout=self.timeout), lambda reply, _: reply,
+                            retry_budget=0.0, what="Info").result()
         return TeacherInfo(
             model_id=reply.model_id, model_revision=reply.model_revision, vocab_size=reply.vocab_size,
             tokenizer_hash=reply.tokenizer_hash, max_sequence_length=reply.max_sequence_length,
@@ -120,12 +137,28 @@ class TeacherClient:
 
     def check(self) -> TeacherInfo:
         """Fetch Info and refuse a teacher whose vocabulary or tokenizer differs from the student's
-        (``TeacherMismatchError`` of :func:`~atkd.proto.fingerprint.check_same_tokenizer`)."""
+        (``TeacherMismatchError`` of :func:`~atkd.proto.fingerprint.check_same_tokenizer`), or whose
+        revision is not the pinned one (:class:`TeacherRevisionError`); pins its revision otherwise."""
         info = self.info()
         check_same_tokenizer(f"{info.model_id} at {self.address}", info.vocab_size, info.tokenizer_hash,
                              self._expected_vocab, self._expected_hash)
+        self.check_revision(info.model_revision, f"Info of {info.model_id} at {self.address}")
         self._info = info
         return info
+
+    def check_revision(self, revision: str, source: str) -> None:
+        """Pin ``revision`` if none is pinned yet, else refuse another one (unless ``allow_revision_change``).
+        An empty revision (a server from before responses carried it) is not checked."""
+        if not revision or revision in self._revisions_seen:
+            return
+        if self.revision is None:
+            self.revision = revision
+        elif not self.allow_revision_change:
+            raise TeacherRevisionError(self.revision, revision, source)
+        else:
+            log.warning("teacher revision changed mid-run: %s answered with revision %s, this run started with %s "
+                        "(allowed by allow_revision_change)", source, revision, self.revision)
+        self._revisions_seen.add(revision)
 
     def score(
         self,
@@ -150,7 +183,7 @@ class TeacherClient:
         *,
         timeout: float | None = None,
         **options: Any,
-    ) -> PendingScore:
+    ) -> PendingCall[TeacherSignal]:
         """Send the batch now; the signal comes from ``.result()`` (arguments as in :meth:`score`).
 
         Several pending scores are in flight at once (spread over the replicas); each is retried on
@@ -159,9 +192,14 @@ class TeacherClient:
         self._ensure_checked()
         batch = ScoreBatch.of(input_ids, lengths, score_mask)
         request = self._request(batch, "0", options)
-        return PendingScore(lambda: self._stub.Score.future(request, metadata=self._metadata,
-                                                            timeout=timeout or self.timeout),
-                            batch, self.retry_budget, self.address)
+        deadline = timeout or self.timeout
+
+        def finish(response: pb.ScoreResponse, endpoint: Endpoint) -> TeacherSignal:
+            self.check_revision(response.model_revision, f"the replica at {endpoint.address}")
+            return batch.unpack(decode_signal(response.signal))
+
+        return PendingCall(self.replicas, lambda endpoint: endpoint.stub.Score.future(
+            request, metadata=self._metadata, timeout=deadline), finish, self.retry_budget)
 
     def score_stream(
         self, batches: Iterable[ScoreBatch | torch.Tensor], *, in_flight: int = 4, **options: Any
@@ -169,6 +207,8 @@ class TeacherClient:
         """Signals ``[B, T]`` for ``batches``, in order, over one stream with up to ``in_flight`` requests out.
 
         A batch is a :class:`ScoreBatch` or an ``input_ids [B, T]`` tensor; ``options`` as in :meth:`score`.
+        The stream goes to one healthy replica and is not failed over: a failure ends it with a
+        :class:`TeacherError` (the unary calls of :meth:`score_async` are the ones that fail over).
         The next request goes out as soon as a response comes back, so the teacher works on batch
         n + 1 .. n + in_flight - 1 while the caller trains on batch n. A failed batch raises its
         :class:`TeacherError` in its turn, after the signals of the batches before it.
@@ -195,7 +235,8 @@ class TeacherClient:
                 failure.append(error)
                 raise
 
-        call = self._stub.ScoreStream(requests(), metadata=self._metadata)
+        endpoint, _ = self.replicas.pick()
+        call = endpoint.stub.ScoreStream(requests(), metadata=self._metadata)
         ready: dict[int, TeacherSignal | TeacherError] = {}  # arrived out of order, waiting for their turn
         next_index = 0
         try:
@@ -207,6 +248,7 @@ class TeacherClient:
                         ready[int(response.id)] = TeacherError(status_code(response.error.code),
                                                                response.error.message)
                     else:
+                        self.check_revision(response.model_revision, f"the replica at {endpoint.address}")
                         ready[int(response.id)] = batch.unpack(decode_signal(response.signal))
                     while next_index in ready:
                         result = ready.pop(next_index)
@@ -227,7 +269,7 @@ class TeacherClient:
             call.cancel()
 
     def close(self) -> None:
-        self._channel.close()
+        self.replicas.close()
 
     def __enter__(self) -> TeacherClient:
         return self

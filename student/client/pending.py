@@ -1,60 +1,102 @@
-"""A Score call in flight, retried with backoff until a replica answers or the retry budget is spent.
+"""A teacher call in flight, failed over to another replica or retried with backoff until one answers.
 
-gRPC already retries a call a few times across replicas (:func:`~atkd.student.client.channel.service_config`);
-on top of that :class:`PendingScore` keeps retrying for ``retry_budget`` seconds, so a student outlives a
-teacher restart and fails with a clear error only when no replica came back.
+Each attempt has its own deadline (the client's ``timeout``), so a replica that hangs (stopped, wedged,
+or too slow) costs one attempt, not the batch. An attempt that fails with a :data:`FAILOVER` status is
+started again at once on a healthy replica the call has not tried since its last backoff; when there is
+none, after a backoff (0.2 s doubling to 5 s). The failed replica is ejected for a while
+(:class:`~.replicas.Replicas`), so the calls after it go elsewhere. Once ``retry_budget`` seconds have
+passed since the call's first failure and no replica answered, :meth:`PendingCall.result` raises a
+:class:`TeacherError` that names the replicas and the budget. A replica's answer is the same as any
+other's (a score is a pure function of the request, tail samples included when a seed is sent), so a
+retried batch gets the signal its first attempt would have got.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
 import grpc
 
-from atkd.proto.codec import decode_signal
-from atkd.proto.signal import TeacherSignal
-
-from .batch import ScoreBatch
 from .channel import RETRYABLE
 from .errors import TeacherError
+from .replicas import Endpoint, Replicas
+
+log = logging.getLogger(__name__)
+
+#: Failures that move a call to another replica: gRPC's retryable codes, a deadline that fired (a hung or
+#: too slow replica), and a cancellation the client did not ask for (a replica shutting down cancels the
+#: calls that reach it after its SIGTERM). Every Teacher method is idempotent: a second attempt is safe.
+FAILOVER = RETRYABLE | {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+FIRST_BACKOFF_S, MAX_BACKOFF_S = 0.2, 5.0
+
+T = TypeVar("T")
 
 
-class PendingScore:
-    """A Score call in flight; :meth:`result` waits for it, retrying :data:`RETRYABLE` failures.
+class PendingCall(Generic[T]):
+    """A call in flight; :meth:`result` waits for it, failing over or retrying :data:`FAILOVER` failures.
 
-    ``call()`` starts one attempt and returns its ``grpc.Future``; ``address`` names the teacher in errors.
+    ``start(endpoint)`` starts one attempt on a replica and returns its ``grpc.Future`` (with the attempt's
+    deadline); ``finish(response, endpoint)`` turns the response into the result (and may raise a
+    :class:`TeacherError`, which is not retried). ``what`` names the call in errors.
     """
 
-    def __init__(self, call: Callable[[], grpc.Future], batch: ScoreBatch, retry_budget: float, address: str):
-        self._call = call
-        self._batch = batch
+    def __init__(self, replicas: Replicas, start: Callable[[Endpoint], grpc.Future],
+                 finish: Callable[[Any, Endpoint], T], retry_budget: float, what: str = "Score"):
+        self._replicas = replicas
+        self._start = start
+        self._finish = finish
         self._budget = retry_budget
-        self._address = address
-        self._future = call()
+        self._what = what
+        self.endpoint, _ = replicas.pick()
+        self._future = start(self.endpoint)
+        self._cancelled = False
         self.attempts = 1
 
-    def result(self) -> TeacherSignal:
-        """The signal ``[B, T]``; retries with backoff (0.2 s doubling to 5 s) until ``retry_budget`` s
-        after the first failure, then raises :class:`TeacherError` with the last status."""
-        give_up_at, backoff = None, 0.2
+    def result(self) -> T:
+        """The result; retries as the module says, then raises :class:`TeacherError` with the last status."""
+        started_failing, backoff, tried = None, FIRST_BACKOFF_S, {self.endpoint}
         while True:
             try:
                 response = self._future.result()
-                return self._batch.unpack(decode_signal(response.signal))
             except grpc.RpcError as error:
                 code, details = error.code(), error.details() or ""
-            now = time.monotonic()
-            give_up_at = give_up_at or now + self._budget
-            if code not in RETRYABLE or now + backoff > give_up_at:
-                if code in RETRYABLE:
-                    details = (f"no teacher replica at {self._address} answered for {self._budget:.0f} s "
-                               f"({self.attempts} attempts); last error: {details}")
+            else:
+                self._replicas.succeeded(self.endpoint)
+                return self._finish(response, self.endpoint)
+            if code not in FAILOVER or self._cancelled:
                 raise TeacherError(code, details)
-            time.sleep(backoff)
-            backoff = min(2 * backoff, 5.0)
-            self._future = self._call()
+            failed = self.endpoint
+            ejected_s = self._replicas.failed(failed)
+            now = time.monotonic()
+            started_failing = started_failing or now
+            endpoint, fresh = self._replicas.pick(avoid=tried)
+            if not fresh:  # no healthy replica left to try at once: back off, or give up
+                if now + backoff > started_failing + self._budget:
+                    raise TeacherError(code, self._gave_up(now - started_failing, failed, code, details))
+                log.warning("teacher %s on %s failed (%s: %s); no other replica is healthy: retrying in %.1f s",
+                            self._what, failed.address, code.name, details, backoff)
+                time.sleep(backoff)
+                backoff = min(2 * backoff, MAX_BACKOFF_S)
+                endpoint, tried = self._replicas.pick()[0], set()
+            else:
+                log.warning("teacher %s on %s failed (%s: %s): moved to %s (%s ejected for %.1f s)", self._what,
+                            failed.address, code.name, details, endpoint.address, failed.address, ejected_s)
+            tried.add(endpoint)
+            self.endpoint, self._future = endpoint, self._start(endpoint)
             self.attempts += 1
 
+    def done(self) -> bool:
+        """Whether the current attempt has ended (answered or failed)."""
+        return self._future.done()
+
     def cancel(self) -> None:
+        self._cancelled = True
         self._future.cancel()
+
+    def _gave_up(self, failing_s: float, last: Endpoint, code: grpc.StatusCode, details: str) -> str:
+        return (f"no teacher replica answered the {self._what} call within its retry budget of {self._budget:g} s "
+                f"(replicas: {self._replicas}; {self.attempts} attempts, failing for {failing_s:.1f} s); "
+                f"last error from {last.address}: {code.name}: {details}")

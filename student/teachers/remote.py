@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from atkd.proto.alignment import join_window
-from atkd.student.client import TeacherClient
+from atkd.proto.signal import TeacherSignal
+from atkd.student.client import PendingCall, TeacherClient
 from atkd.student.data.lm import LMBatch
 
 from .source import Deferred, TeacherSource
@@ -22,12 +23,19 @@ class RemoteTeacher(TeacherSource):
         self.client = client
         self.options = dict(top_k=top_k, codec=codec, temperature=temperature, tail_samples=tail_samples)
 
-    def submit(self, batch: LMBatch, seed: int | None = None) -> Deferred:
+    def submit(self, batch: LMBatch, seed: int | None = None) -> RemoteResult:
         ids, score_mask = join_window(batch.input_ids, batch.targets)
         options = self.options if seed is None else {**self.options, "seed": seed % 2**64}
-        pending = self.client.score_async(ids, score_mask=score_mask, **options)
-        length = batch.targets.shape[1]
-        return Deferred(lambda: pending.result().map_tensors(lambda t: t[:, :length]))
+        return RemoteResult(self.client.score_async(ids, score_mask=score_mask, **options), batch.targets.shape[1])
 
     def close(self) -> None:
         self.client.close()
+
+
+class RemoteResult(Deferred):
+    """The signal ``[B, T]`` of a batch sent as T + 1 tokens; ``call`` is its :class:`PendingCall` (the replica
+    it is on, its attempts so far)."""
+
+    def __init__(self, call: PendingCall[TeacherSignal], length: int):
+        super().__init__(lambda: call.result().map_tensors(lambda t: t[:, :length]))
+        self.call = call

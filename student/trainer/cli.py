@@ -8,7 +8,10 @@
 Every field of :class:`~atkd.student.trainer.config.TrainConfig` can be set in the YAML file and overridden
 with ``--section.field value`` (see :mod:`atkd.student.trainer.config`; ``--teacher null`` unsets a section).
 Configuration errors name the field and exit with status 2; a teacher that does not fit the student exits
-with status 3 before any step, a teacher that fails during the run with status 4.
+with status 3 before any step (so does a replica of another model revision, at any step); a teacher that
+fails during the run (no replica answered within ``teacher.retry_budget_s``) with status 4. A run that
+stops on a teacher error mid-run first writes the checkpoint of its last completed step, which
+``--resume`` continues from.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from transformers.utils import logging as hf_logging
 from atkd.proto.device import resolve_device
 from atkd.proto.fingerprint import TeacherMismatchError, tokenizer_fingerprint
 from atkd.student import initialise
-from atkd.student.client import TeacherError
+from atkd.student.client import TeacherError, TeacherRevisionError
 from atkd.student.evaluation import evaluation_report
 from atkd.student.models import load_model
 from atkd.student.teachers import CacheManifest, CacheMismatchError, export_signals
@@ -99,12 +102,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             manifest = export_cache(config, args.out, args.shard_size)
             print(json.dumps({"cache": str(args.out), "examples": manifest.num_examples}))
-    except (TeacherMismatchError, CacheMismatchError) as error:
-        parser.exit(3, f"atkd-student: {error}\n")
+    except (TeacherMismatchError, CacheMismatchError, TeacherRevisionError) as error:
+        parser.exit(3, f"atkd-student: {error}{_resume_hint(error)}\n")
     except TeacherError as error:
-        parser.exit(4, f"atkd-student: teacher failed: {error}\n")
+        parser.exit(4, f"atkd-student: teacher failed: {error}{_resume_hint(error)}\n")
     except (FileNotFoundError, ValueError) as error:
         parser.exit(2, f"atkd-student: {error}\n")
+
+
+def _resume_hint(error: Exception) -> str:
+    checkpoint = getattr(error, "checkpoint", None)
+    return "" if checkpoint is None else (f"\natkd-student: the run stopped at its checkpoint {checkpoint}; once the "
+                                          "teacher serves again, continue with the same command and --resume")
 
 
 def run_eval(config: TrainConfig, model_dir: Path | None, max_new_tokens: int, max_examples: int, *,

@@ -49,8 +49,14 @@ class TeacherSourceConfig(Section):
     token_file: Path | None = Field(None, description="remote: file holding the bearer token")
     token_env: str | None = Field(None, description="remote: environment variable holding the bearer token")
     tls_root_cert: Path | None = Field(None, description="remote: PEM of the CA to trust (TLS)")
-    timeout_s: float = Field(60.0, gt=0, description="remote: deadline of one Score call")
-    retry_budget_s: float = Field(120.0, ge=0, description="remote: seconds to keep retrying a failed batch")
+    timeout_s: float = Field(60.0, gt=0, description="remote: deadline of one attempt of a Score call (a replica that "
+                                                     "takes longer is failed over, as a dead one is)")
+    retry_budget_s: float = Field(120.0, ge=0, description="remote: seconds to keep failing over / retrying a failed "
+                                                           "batch before the run stops with a checkpoint")
+    revision: str | None = Field(None, description="remote / cache: the teacher model revision this run requires "
+                                                   "(default: the first replica's, then pinned)")
+    allow_revision_change: bool = Field(False, description="remote: accept replicas that answer with another "
+                                                           "revision mid-run (default: stop with an error)")
     model: Path | None = Field(None, description="local: directory of the teacher model")
     device: str = Field("auto", description="local: torch device of the teacher")
     cache_dir: Path | None = Field(None, description="cache: directory written by `atkd-student export-cache`")

@@ -17,6 +17,9 @@ The ATKD split is taken per micro-batch and per rank, as in the paper. Data para
 SIGTERM / SIGINT, and ``max_time`` (before one more step would pass it), stop the run at a step boundary
 with a checkpoint (all ranks agree on the step), and ``resume`` continues from the newest checkpoint as if
 nothing had happened; resuming with another ``max_steps`` redraws the cosine and says so in a warning.
+A teacher that fails for good (no replica answered within the client's retry budget) stops the run too:
+the checkpoint of the last completed step is written (the step it failed in is dropped whole: weights,
+optimizer and RNG are as they were at its start) and named in the raised ``TeacherError.checkpoint``.
 
 The teacher is built only for a loss that reads it (not for ``sft``), and asked for exactly the
 micro-batches of the run: prefetch stops at the last step's. Torch threads: ``threads``, or a choice from
@@ -27,8 +30,10 @@ directories (tokenizer included) whose model id is the run's name (:attr:`TrainC
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
+import random
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -40,6 +45,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from atkd.proto.device import resolve_device
+from atkd.student.client import TeacherError
 from atkd.student.data.examples import BatchOrder, Examples
 from atkd.student.evaluation import LMEval, evaluate_examples
 from atkd.student.losses import TeacherInput, get_loss
@@ -47,7 +53,7 @@ from atkd.student.models import load_model, save_model
 from atkd.student.optim import make_optimizer, schedule_change
 from atkd.student.teachers import prefetched
 
-from .checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import PREFIX, TrainState, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .metrics import LogWindow, MetricsLog
 from .parts import build_teacher, init_distributed, load_examples, load_tokenizer
@@ -157,6 +163,7 @@ def _train(config: TrainConfig, resume: bool | Path, stop_at: int | None, train_
     try:
         while state.step < steps:
             step_start, waited = time.perf_counter(), 0.0
+            boundary = _StepBoundary(state)
             for micro in range(config.grad_accum):
                 batch, teacher_output, wait_s = next(stream)
                 waited += wait_s
@@ -200,6 +207,17 @@ def _train(config: TrainConfig, resume: bool | Path, stop_at: int | None, train_
                     why = f"max_time ({config.max_time:g} s) would pass during the next step"
                 log.info("%s: stopping at step %d (checkpoint saved): resume to continue", why, state.step)
                 return TrainResult(state, None, result_eval, stopped_early=True)
+    except TeacherError as error:
+        if is_main:
+            boundary.restore(optimizer)
+            found = list_checkpoints(output_dir)
+            error.checkpoint = found[-1] if found and _step_of(found[-1]) == boundary.state.step else save_checkpoint(
+                output_dir, model, optimizer, schedule, boundary.state, config.keep_checkpoints, tokenizer=tokenizer,
+                run_name=config.name)
+            log.error("the teacher failed in step %d: %s. Checkpoint of step %d: %s; once the teacher serves again, "
+                      "run the same command with --resume", boundary.state.step + 1, error, boundary.state.step,
+                      error.checkpoint)
+        raise
     finally:
         bar.close()
         stop.restore()
@@ -221,6 +239,25 @@ def _resume_from(resume: bool | Path, output_dir: Path) -> Path | None:
             log.info("no checkpoint in %s: starting from scratch", output_dir)
         return found[-1] if found else None
     return Path(resume) if resume else None
+
+
+class _StepBoundary:
+    """What a step changes before its optimizer step, as it was at its start: the run's position and the
+    RNG states (a forward may draw, e.g. dropout). The weights, optimizer and schedule change only at the
+    step's end, so restoring this puts the run back at the step's start."""
+
+    def __init__(self, state: TrainState):
+        self.state = dataclasses.replace(state)
+        self._rng = torch.get_rng_state(), random.getstate()
+
+    def restore(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        torch.set_rng_state(self._rng[0])
+        random.setstate(self._rng[1])
+
+
+def _step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name.removeprefix(PREFIX))
 
 
 def _no_teacher(batches):

@@ -59,7 +59,8 @@ def build_teacher(config: TeacherSourceConfig, tokenizer: PreTrainedTokenizerBas
             config.addresses, tokenizer=tokenizer, vocab_size=vocab_size, token=token, token_file=config.token_file,
             tls_root_cert=config.tls_root_cert, application=config.application, top_k=config.top_k,
             codec=config.codec, timeout=config.timeout_s, retry_budget=config.retry_budget_s,
-            client_id=client_name or None,
+            client_id=client_name or None, revision=config.revision,
+            allow_revision_change=config.allow_revision_change,
         )  # fmt: skip
         client.check()
         return RemoteTeacher(client, top_k=config.top_k, codec=config.codec, temperature=config.temperature,
@@ -70,9 +71,10 @@ def build_teacher(config: TeacherSourceConfig, tokenizer: PreTrainedTokenizerBas
         return LocalTeacher(model, top_k=config.top_k or None, temperature=config.temperature,
                             tail_samples=config.tail_samples)
     cache = SignalCache(config.cache_dir)
+    pinned = {} if config.revision is None else {"teacher_revision": config.revision}
     cache.check(vocab_size=vocab_size, tokenizer_hash=tokenizer_fingerprint(tokenizer),
                 dataset_fingerprint=examples.fingerprint, seq_len=examples.seq_len, top_k=config.top_k,
-                tail_samples=config.tail_samples, temperature=config.temperature)
+                tail_samples=config.tail_samples, temperature=config.temperature, **pinned)
     return CachedTeacher(cache)
 
 
@@ -90,8 +92,10 @@ def check_local_teacher(directory: Path, teacher: PreTrainedModel, tokenizer: Pr
 
 
 def teacher_identity(config: TeacherSourceConfig, teacher: TeacherSource) -> tuple[str, str]:
-    """(model id, revision) of a remote or local teacher, for a signal cache's manifest."""
+    """(model id, revision) of a remote or local teacher, for a signal cache's manifest. A remote teacher's
+    revision is the one its client pinned, so every signal of the cache comes from it (the client refuses
+    another)."""
     if isinstance(teacher, RemoteTeacher):
-        info = teacher.client.info()
-        return info.model_id, info.model_revision
+        info = teacher.client.check()
+        return info.model_id, teacher.client.revision or info.model_revision
     return saved_model_id(config.model), weights_digest(config.model)
