@@ -14,12 +14,14 @@ import torch
 from safetensors.torch import load_file
 
 from atkd.student.trainer.loop import train
+from tests.test_fused_head import without_key_bias
 from tests.test_trainer import REPO, final_weights, run_config
 
 pytestmark = pytest.mark.slow  # each torchrun launch imports torch and transformers twice: ~20-40 s here
 
 
-def torchrun(config, *flags: str) -> None:
+def torchrun(config, *flags: str) -> str:
+    """Run ``atkd-student train`` on 2 ranks; returns its stderr (the log)."""
     config_file = Path(config.output_dir).parent / f"{Path(config.output_dir).name}.json"
     config_file.write_text(config.model_dump_json())
     done = subprocess.run(
@@ -27,6 +29,7 @@ def torchrun(config, *flags: str) -> None:
          "atkd.student.trainer.cli", "train", "--config", str(config_file), *flags],
         cwd=REPO, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-4000:]
+    return done.stderr
 
 
 def saved_weights(output_dir: Path) -> dict[str, torch.Tensor]:
@@ -36,17 +39,6 @@ def saved_weights(output_dir: Path) -> dict[str, torch.Tensor]:
 def train_log(output_dir: Path) -> list[dict]:
     lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["kind"] == "train"]
-
-
-def without_key_bias(name: str, value: torch.Tensor) -> torch.Tensor:
-    """GPT-2's attention bias [q | k | v] without its key third. The loss does not depend on the key bias (a
-    query-wise constant under the softmax), so its gradient is rounding noise, which Adam's g / sqrt(v) turns
-    into steps of size lr: it differs between any two summation orders (measured 6e-3 after 6 steps at
-    lr 1e-2, every other parameter within 2e-7)."""
-    if not name.endswith("attn.c_attn.bias"):
-        return value
-    query, _, value_bias = value.chunk(3)
-    return torch.cat([query, value_bias])
 
 
 @pytest.fixture
@@ -64,7 +56,7 @@ def test_fsdp_two_ranks_match_one_process_with_accumulation_and_resume_exactly(t
                               save_every=0))
     config = run_config(tmp_path / "fsdp", corpus, student, teacher, max_steps=6, save_every=3, keep_checkpoints=3,
                         threads=1, parallel="fsdp")
-    torchrun(config)
+    assert "fused_head: on" in torchrun(config)
     log = train_log(config.output_dir)
     assert len(log) == 6 and log[-1]["tokens"] == 6 * 2 * 4 * 32
     checkpoint = config.output_dir / "checkpoints" / "step-00000003"
@@ -90,7 +82,7 @@ def test_fsdp_bf16_mixed_precision_trains_with_the_fused_head(tmp_path, corpus, 
     student = tiny_model_factory("gpt_neox")  # not the teacher (the tiny Llama): a loss to lower
     config = run_config(tmp_path / "bf16", corpus, student, teacher, max_steps=8, save_every=0, threads=1,
                         parallel="fsdp", precision="bf16", optim={"lr": 1e-2, "warmup": 0})
-    torchrun(config)
+    assert "fused_head: on" in torchrun(config)
     losses = [r["loss"] for r in train_log(config.output_dir)]
     assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
     weights, initial = saved_weights(config.output_dir), load_file(next(Path(student).glob("*.safetensors")))

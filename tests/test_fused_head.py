@@ -3,11 +3,19 @@ and bias, for every loss of the library, on dense teacher logits and on compress
 
 from __future__ import annotations
 
+import json
+import logging
+
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, Gemma2Config
 
 from atkd.proto.signal import compress
 from atkd.student.losses import LOSSES, HeadLogits, fused_head_loss, get_loss
+from atkd.student.models import FAMILIES, build_model
+from atkd.student.trainer.head import deferred_head, fused_head_unsupported
+from atkd.student.trainer.loop import train
+from tests.test_trainer import final_weights, run_config
 
 #: Every loss, and the ATKD variants whose batch-global split or coupling could differ between the paths.
 CASES = [(name, {}) for name in LOSSES] + [
@@ -181,3 +189,58 @@ def test_mismatched_shapes_get_clear_errors():
         HeadLogits(hidden, weight, torch.zeros(3))
     with pytest.raises(ValueError, match="must be targets"):
         fused_head_loss(get_loss("atkd"), hidden, weight, teacher_logits, targets[:, 1:])
+
+
+# The fused head in the models and the trainer -------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_hands_the_loss_its_head_and_equals_its_logits(family):
+    """Under deferred_head the model's own forward returns HeadLogits whose logits are the model's logits."""
+    model = build_model(family, 64, dict(hidden=16, layers=1, heads=2), seed=0)
+    assert fused_head_unsupported(model) is None
+    input_ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    logits = model(input_ids).logits
+    with deferred_head(model):
+        deferred = model(input_ids).logits
+    assert isinstance(deferred, HeadLogits) and deferred.weight is model.get_output_embeddings().weight
+    torch.testing.assert_close(deferred.materialise(), logits)
+    assert not isinstance(model(input_ids).logits, HeadLogits)  # restored after the block
+
+
+def test_a_model_that_soft_caps_its_logits_is_refused():
+    """Gemma 2 soft-caps its logits after the head: the fused head would change the loss, so the trainer falls back."""
+    config = Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=8, final_logit_softcapping=30.0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+    assert "post-processes the logits" in fused_head_unsupported(model)
+
+
+def without_key_bias(name: str, value: torch.Tensor) -> torch.Tensor:
+    """GPT-2's attention bias [q | k | v] without its key third. The loss does not depend on the key bias (a
+    query-wise constant under the softmax), so its gradient is rounding noise, which Adam's g / sqrt(v) turns
+    into steps of size lr: it differs between any two summation orders (measured 6e-3 after 6 steps at
+    lr 1e-2 between 2 FSDP ranks and 1 process, every other parameter within 2e-7)."""
+    if not name.endswith("attn.c_attn.bias"):
+        return value
+    query, _, value_bias = value.chunk(3)
+    return torch.cat([query, value_bias])
+
+
+def test_training_with_the_fused_head_takes_the_steps_of_the_logits_path(tmp_path, corpus, tiny_model_factory,
+                                                                        tiny_model_dir, caplog):
+    caplog.set_level(logging.INFO, logger="atkd.student.trainer.loop")
+    teacher = {"mode": "local", "model": str(tiny_model_dir), "top_k": 16, "tail_samples": 4}
+    runs = {}
+    for fused in (False, True):
+        config = run_config(tmp_path / str(fused), corpus, tiny_model_factory("gpt2"), teacher, max_steps=3,
+                            save_every=0, fused_head=fused, **{"data.eval": []})
+        runs[fused] = (train(config), [r["loss"] for r in map(json.loads, open(config.output_dir / "metrics.jsonl"))])
+    assert [r.message.split(" ")[1] for r in caplog.records if r.message.startswith("fused_head")] == ["off", "on"]
+    (logits_run, logits_losses), (fused_run, fused_losses) = runs[False], runs[True]
+    assert fused_losses == pytest.approx(logits_losses, rel=1e-5)
+    expected, actual = final_weights(logits_run), final_weights(fused_run)
+    for name in expected:
+        torch.testing.assert_close(without_key_bias(name, actual[name]), without_key_bias(name, expected[name]),
+                                   rtol=1e-4, atol=1e-5, msg=name)

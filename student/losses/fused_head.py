@@ -91,6 +91,10 @@ class HeadLogits:
         flat.dtype = self.dtype
         return flat
 
+    def contiguous(self) -> HeadLogits:
+        """Itself: a model that calls ``.contiguous()`` on its head's output (OPT) changes nothing by it."""
+        return self
+
     def materialise(self) -> torch.Tensor:
         """The logits ``[*P, V]`` as one tensor (for checks and small inputs; the point of this class is not to)."""
         return _project(self.hidden.to(self.dtype), self.weight.to(self.dtype), _cast(self.bias, self.dtype))

@@ -137,7 +137,7 @@ def _train(config: TrainConfig, resume: bool | Path, stop_at: int | None, train_
     teacher = None if teacher_config is None else build_teacher(
         teacher_config, tokenizer, model, train_data, client_name=f"{output_dir.name}-rank{rank}")
     loss_fn = get_loss(config.loss.name, **config.loss.options)
-    fused = config.fused_head and _fused_head_allowed(model, is_main)
+    fused = _fused_head_allowed(model, is_main) if config.fused_head else _fused_head_off(is_main)
     sharded = config.parallel == "fsdp" and world > 1
     if sharded:
         shard(model, config.precision)
@@ -230,9 +230,17 @@ def _train(config: TrainConfig, resume: bool | Path, stop_at: int | None, train_
 
 def _fused_head_allowed(model: torch.nn.Module, is_main: bool) -> bool:
     reason = fused_head_unsupported(model)
-    if reason is not None and is_main:
-        log.info("fused_head: %s cannot (%s): the loss takes its full logits", type(model).__name__, reason)
+    if is_main and reason is None:
+        log.info("fused_head: on (the loss computes %s's logits chunk by chunk)", type(model).__name__)
+    elif is_main:
+        log.info("fused_head: off, %s cannot (%s): the loss takes its full logits", type(model).__name__, reason)
     return reason is None
+
+
+def _fused_head_off(is_main: bool) -> bool:
+    if is_main:
+        log.info("fused_head: off (config): the loss takes the model's full logits")
+    return False
 
 
 def _gradient_sync(trained: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:
