@@ -15,6 +15,8 @@ from atkd.student.losses import LOSSES, HeadLogits, fused_head_loss, get_loss
 from atkd.student.models import FAMILIES, build_model
 from atkd.student.trainer.head import deferred_head, fused_head_unsupported
 from atkd.student.trainer.loop import train
+from tests import test_hf_trainer
+from tests.test_hf_trainer import fresh_student, make_trainer
 from tests.test_trainer import final_weights, run_config
 
 #: Every loss, and the ATKD variants whose batch-global split or coupling could differ between the paths.
@@ -244,3 +246,29 @@ def test_training_with_the_fused_head_takes_the_steps_of_the_logits_path(tmp_pat
     for name in expected:
         torch.testing.assert_close(without_key_bias(name, actual[name]), without_key_bias(name, expected[name]),
                                    rtol=1e-4, atol=1e-5, msg=name)
+
+
+# The HF Trainer tests' fixtures, shared.
+examples, collator, local_teacher = test_hf_trainer.examples, test_hf_trainer.collator, test_hf_trainer.local_teacher
+
+
+def test_hf_trainer_step_with_the_fused_head_equals_the_logits_path(tmp_path, tiny_model_factory, local_teacher,
+                                                                    examples, collator):
+    """DistillationTrainer: a training step (padded batch, right padding) gives the same loss and gradients with the
+    fused head as with logits; evaluation with return_outputs still gets real logits."""
+    inputs = collator(examples[:4])
+    steps = {}
+    for fused in (False, True):
+        student = fresh_student(tiny_model_factory)
+        trainer = make_trainer(tmp_path / str(fused), student, local_teacher, examples, collator)
+        trainer.fused_head = fused
+        trainer.current_gradient_accumulation_steps = 1  # set by train() per accumulated batch
+        loss = trainer.training_step(student, inputs)
+        steps[fused] = (loss, {name: p.grad.clone() for name, p in student.named_parameters()})
+    assert steps[True][0].item() == pytest.approx(steps[False][0].item(), rel=1e-5)
+    for name, grad in steps[False][1].items():
+        torch.testing.assert_close(steps[True][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert make_trainer(tmp_path / "probe", fresh_student(tiny_model_factory), local_teacher, examples,
+                        collator).fused_head  # GPT-2 allows it: on by default
+    _, outputs = trainer.compute_loss(student, inputs, return_outputs=True)
+    assert isinstance(outputs.logits, torch.Tensor)
