@@ -39,6 +39,10 @@ from atkd.proto.signal import rows_per_chunk
 #: ``[block_rows, V]`` buffer stays small (V = 152k: 156 MB in fp32).
 DEFAULT_BLOCK_ROWS = 256
 
+#: Elements of one loss chunk ``[rows, V]`` when the loss gives no chunk size: a quarter of the logits path's
+#: default, since here the chunks' temporaries (~6 of them), not an ``[N, V]`` gradient, set the peak.
+DEFAULT_CHUNK_ELEMENTS = 1 << 20
+
 
 class HeadLogits:
     """Student logits ``hidden @ weight.T + bias`` (``[*P, V]``), computed chunk by chunk inside a loss.
@@ -140,7 +144,8 @@ def _head_sum(head: HeadLogits, batch, chunk_loss, chunk_size: int | None, grads
     weight, bias = head.weight.detach().to(head.dtype), _cast(head.bias, head.dtype)
     bias = None if bias is None else bias.detach()
     hidden = head.hidden.detach()
-    chunk_rows = rows_per_chunk(head.shape[-1], chunk_size)
+    vocab = head.shape[-1]
+    chunk_rows = rows_per_chunk(vocab, chunk_size) if chunk_size else max(1, DEFAULT_CHUNK_ELEMENTS // vocab)
     with torch.autocast(head.device.type, enabled=False):
         for block, chunks in _blocks(batch.num_valid, head.block_rows, chunk_rows):
             rows = batch.valid_rows[block]
