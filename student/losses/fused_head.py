@@ -165,6 +165,7 @@ def _head_sum(head: HeadLogits, batch, chunk_loss, chunk_size: int | None, grads
                 total += loss.detach()
             if grads is not None:
                 _add_block_grads(grads, logits, rows, block_hidden, weight)
+            del logits  # before the next block's is made: one [block_rows, V] buffer at a time
     return total
 
 
