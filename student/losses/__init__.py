@@ -25,6 +25,7 @@ from .baselines import (
 )
 from .batch import TeacherInput
 from .divergences import DIVERGENCES, JSD, TVD, Divergence, ForwardKL, ReverseKL, SkewForwardKL, SkewReverseKL
+from .fused_head import HeadLogits, fused_head_loss
 from .result import LossFn, LossResult
 
 #: Every loss by the name a training config uses; each is called as fn(student_logits, teacher, targets, **opts).
@@ -56,5 +57,5 @@ __all__ = [
     "DIVERGENCES", "JSD", "LOSSES", "NO_TEACHER", "SPLIT_RULES", "TVD", "Divergence", "ForwardKL", "LossFn",
     "LossResult", "ReverseKL", "SkewForwardKL", "SkewReverseKL", "TeacherInput", "TeacherSignal", "atkd_loss",
     "compress", "cross_entropy", "dkd", "forward_kl", "full_divergence_loss", "get_loss", "jsd", "reverse_kl",
-    "skew_forward_kl", "skew_reverse_kl", "split_hard", "teacher_uncertainty", "tvd",
+    "skew_forward_kl", "skew_reverse_kl", "split_hard", "teacher_uncertainty", "tvd", "HeadLogits", "fused_head_loss",
 ]

@@ -31,7 +31,8 @@ compressed :class:`TeacherSignal` over the positions ``P``, or None (no teacher:
 
 @dataclass
 class LossBatch:
-    """Flattened inputs: logits ``[R, V]``, teacher ``[R, V]`` or signal ``[R]``, targets ``[R]``.
+    """Flattened inputs: logits ``[R, V]`` (a tensor, or a :class:`~atkd.student.losses.fused_head.HeadLogits`
+    that computes them chunk by chunk), teacher ``[R, V]`` or signal ``[R]``, targets ``[R]``.
 
     ``valid_rows [N]`` indexes the R positions whose target is not ignored.
     """
@@ -51,9 +52,9 @@ class LossBatch:
 
     @classmethod
     def from_inputs(cls, student_logits: torch.Tensor, teacher: TeacherInput, targets: torch.Tensor) -> LossBatch:
-        if not torch.is_floating_point(student_logits):
+        if not student_logits.dtype.is_floating_point:
             raise TypeError(f"student_logits must be floating point, got {student_logits.dtype}")
-        if student_logits.dim() < 2:
+        if len(student_logits.shape) < 2:
             raise ValueError(f"student_logits must be [..., V], got shape {tuple(student_logits.shape)}")
         if targets.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"targets must be int64 token ids, got {targets.dtype}")
@@ -123,6 +124,8 @@ def fused_chunked_sum(batch: LossBatch, chunk_loss: ChunkLoss, chunk_size: int |
     in the work dtype) and returns a scalar. The result is a 0-dim tensor in the work dtype; it
     carries a graph to ``batch.logits`` when those require grad (even when N = 0: then it is 0).
     """
+    if not isinstance(batch.logits, torch.Tensor):  # logits computed on demand: fused_head.HeadLogits
+        return batch.logits.chunked_sum(batch, chunk_loss, chunk_size)
     chunks = batch.chunks(chunk_size)
     if batch.logits.requires_grad and torch.is_grad_enabled():
         return _FusedChunkedSum.apply(batch.logits, batch, chunk_loss, chunks)

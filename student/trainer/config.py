@@ -112,7 +112,13 @@ class TrainConfig(Section):
     epochs: float | None = Field(None, gt=0, description="passes over the training data (if max_steps is unset)")
     max_time: float | None = Field(None, gt=0, description="wall-time bound of this invocation: seconds or e.g. "
                                                            "1h30m; stops before it with a checkpoint, as SIGTERM does")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast of the student forward")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast of the student forward "
+                                                                     "(fsdp: bf16 parameters, fp32 reduction)")
+    parallel: Literal["ddp", "fsdp"] = Field("ddp", description="under torchrun: replicate the student (ddp) or "
+                                                                "shard it with FSDP2 (fsdp)")
+    fused_head: bool = Field(True, description="compute the loss from the last hidden states and the head weight "
+                                               "chunk by chunk, never all [tokens, vocab] logits (where the "
+                                               "model allows it)")
     seed: int = Field(0, description="seed of initialisation-independent randomness: data order, tail samples")
     eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: only at the end)")
     save_every: int = Field(100, ge=0, description="checkpoint every N steps (0: only at the end)")

@@ -16,10 +16,16 @@ as in the paper's code, so each micro-batch loss is a mix of group means over it
 Trainer divides each micro-batch loss by the number of accumulation steps, so the update follows the
 mean of the micro-batch losses; ``num_items_in_batch`` (a token count over the whole accumulated
 batch) is not used, since a mix of per-group means has no per-token sum to renormalise.
+
+Fused head: training steps hand the loss the student's last hidden states and head weight instead of
+``[B, T, V]`` logits (:mod:`atkd.student.trainer.head`), where the model allows it; evaluation and
+prediction (``return_outputs``) compute logits as before, since the Trainer reads them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,6 +36,10 @@ from atkd.proto.alignment import IGNORE_INDEX, split_window
 from atkd.student.data.lm import LMBatch
 from atkd.student.losses import LossResult, TeacherInput, get_loss
 from atkd.student.teachers import TeacherSource
+
+from .head import deferred_head, fused_head_unsupported
+
+log = logging.getLogger(__name__)
 
 #: Loss stats (ATKD's) averaged over the micro-batches since the last log and added to the training logs.
 LOGGED_DIAGNOSTICS = ("mean_uncertainty", "n_easy", "n_hard", "loss_easy", "loss_hard")
@@ -79,6 +89,8 @@ class DistillationTrainer(Trainer):
         log_diagnostics: add the loss's stats named in :data:`LOGGED_DIAGNOSTICS` (ATKD's; the baselines
             have none) to each training log as ``atkd/<name>``: means over the training micro-batches since
             the last log, this process only. They are summed on the device and read when the Trainer logs.
+        fused_head: compute the training loss from the last hidden states and the head weight, chunk by chunk,
+            never all ``[B, T, V]`` logits (default; falls back, with a log line, where the model does not allow it).
 
     The loss per micro-batch is ``loss_fn(student_logits [B, T, V], teacher, targets [B, T])`` on
     :func:`lm_batch_from_hf` of the inputs; the student gets ``input_ids`` and ``attention_mask`` only.
@@ -88,7 +100,7 @@ class DistillationTrainer(Trainer):
     loss_is_scaled_for_ga = False
 
     def __init__(self, *args, teacher: TeacherSource, loss: str = "atkd", loss_options: dict[str, Any] | None = None,
-                 log_diagnostics: bool = True, **kwargs):
+                 log_diagnostics: bool = True, fused_head: bool = True, **kwargs):
         loss_fn = get_loss(loss, **(loss_options or {}))  # an unknown name fails before the Trainer is built
         super().__init__(*args, **kwargs)
         self.teacher = teacher
@@ -98,6 +110,10 @@ class DistillationTrainer(Trainer):
         self._diagnostic_count = 0
         # Nothing here uses num_items_in_batch: skip counting (and gathering) it every step.
         self.model_accepts_loss_kwargs = False
+        reason = fused_head_unsupported(self.model) if fused_head else "off in the arguments"
+        if reason is not None and fused_head:
+            log.info("fused_head: off, %s cannot (%s)", type(self.model).__name__, reason)
+        self.fused_head = reason is None
 
     def teacher_signal(self, batch: LMBatch, device: torch.device) -> TeacherInput:
         """The teacher's output on ``batch`` (sent on the CPU), on ``device``."""
@@ -110,7 +126,9 @@ class DistillationTrainer(Trainer):
         """The distillation loss of one micro-batch (and the student's outputs with ``return_outputs``)."""
         batch = lm_batch_from_hf(inputs)
         teacher = self.teacher_signal(batch, batch.input_ids.device)
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
+        fused = self.fused_head and model.training and not return_outputs
+        with deferred_head(self.model) if fused else contextlib.nullcontext():  # self.model: unwrapped (DDP)
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
         result = self.loss_fn(outputs.logits, teacher, batch.targets)
         if self.log_diagnostics and model.training:
             self._add_diagnostics(result)

@@ -5,7 +5,10 @@ Each optimizer step, in order:
 1. for each of ``grad_accum`` micro-batches: take micro-batch m (examples from the seeded
    :class:`~atkd.student.data.examples.BatchOrder`) with its teacher signal, which was requested
    ``teacher.prefetch`` batches earlier; student forward (bf16 autocast if asked); loss / grad_accum;
-   backward (under DDP the gradients are all-reduced on the last micro-batch only);
+   backward (under DDP the gradients are all-reduced on the last micro-batch only, under FSDP2
+   reduce-scattered); with ``fused_head`` (the default, where the model allows it,
+   :mod:`atkd.student.trainer.head`) the forward hands the loss the last hidden states and the head weight,
+   and the loss computes the logits chunk by chunk instead of the model computing ``[B, T, V]`` at once;
 2. clip the global gradient norm; AdamW step; LR schedule step (warmup, then cosine);
 3. every ``log_every`` steps, a record of the steps since the last one (JSONL, progress bar, TensorBoard
    if installed; :mod:`atkd.student.trainer.metrics`): the loss, its stats and the gradient norm are
@@ -13,7 +16,9 @@ Each optimizer step, in order:
 
 The ATKD split is taken per micro-batch and per rank, as in the paper. Data parallelism: under
 ``torchrun`` every rank trains on its own slice of each global batch and has its own teacher stream;
-2 ranks x B examples see exactly the batches of 1 process x B examples x 2 accumulation steps.
+2 ranks x B examples see exactly the batches of 1 process x B examples x 2 accumulation steps. ``parallel``
+picks how the student is spread over the ranks: replicated (``ddp``) or sharded with FSDP2 (``fsdp``,
+:mod:`atkd.student.trainer.fsdp`: sharded checkpoints, every rank evaluates and saves, ``final/`` gathered).
 SIGTERM / SIGINT, and ``max_time`` (before one more step would pass it), stop the run at a step boundary
 with a checkpoint (all ranks agree on the step), and ``resume`` continues from the newest checkpoint as if
 nothing had happened; resuming with another ``max_steps`` redraws the cosine and says so in a warning.
@@ -41,6 +46,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
@@ -55,6 +61,8 @@ from atkd.student.teachers import prefetched
 
 from .checkpoint import PREFIX, TrainState, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainConfig
+from .fsdp import full_state_dict, local_value, shard
+from .head import deferred_head, fused_head_unsupported
 from .metrics import LogWindow, MetricsLog
 from .parts import build_teacher, init_distributed, load_examples, load_tokenizer
 from .threads import Machine, plan_threads
@@ -135,6 +143,10 @@ def _train(config: TrainConfig, resume: bool | Path, stop_at: int | None, train_
     teacher = None if teacher_config is None else build_teacher(
         teacher_config, tokenizer, model, train_data, client_name=f"{output_dir.name}-rank{rank}")
     loss_fn = get_loss(config.loss.name, **config.loss.options)
+    fused = _fused_head_allowed(model, is_main) if config.fused_head else _fused_head_off(is_main)
+    sharded = config.parallel == "fsdp" and world > 1
+    if sharded:
+        shard(model, config.precision)
     optimizer, schedule = make_optimizer(model, config.optim, steps)
 
     state = TrainState()
@@ -147,7 +159,7 @@ def _train(config: TrainConfig, resume: bool | Path, stop_at: int | None, train_
             log.warning(change)
     state.schedule_steps = steps
     metrics = MetricsLog(output_dir / METRICS_FILE, keep_until=state.step, enabled=is_main)
-    trained = DistributedDataParallel(model) if world > 1 else model
+    trained = DistributedDataParallel(model) if world > 1 and not sharded else model
 
     def batches():  # the run's micro-batches from the data position on, and no more (prefetch stops there)
         for micro in range(state.micro_batch, steps * config.grad_accum):
@@ -158,7 +170,7 @@ def _train(config: TrainConfig, resume: bool | Path, stop_at: int | None, train_
     deadline = None if config.max_time is None else started + config.max_time
     bar = tqdm(total=steps, initial=state.step, desc=config.loss.name, disable=not (config.progress and is_main),
                dynamic_ncols=True)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16" and not sharded)
     result_eval, window = None, LogWindow()
     try:
         while state.step < steps:
@@ -168,15 +180,15 @@ def _train(config: TrainConfig, resume: bool | Path, stop_at: int | None, train_
                 batch, teacher_output, wait_s = next(stream)
                 waited += wait_s
                 sync = micro == config.grad_accum - 1 or world == 1
-                with contextlib.nullcontext() if sync else trained.no_sync():
-                    with autocast:
-                        logits = trained(batch.input_ids.to(device)).logits
+                with _gradient_sync(trained, sync):
+                    with autocast, deferred_head(model) if fused else contextlib.nullcontext():
+                        logits = trained(batch.input_ids.to(device)).logits  # fused: HeadLogits
                     result = loss_fn(logits, _to(teacher_output, device), batch.targets.to(device))
                     (result.loss / config.grad_accum).backward()
                 window.add_micro_batch(result, tokens=batch.input_ids.numel() * world)
                 state.micro_batch += 1
                 state.tokens += batch.input_ids.numel() * world
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+            grad_norm = local_value(torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             schedule.step()
@@ -193,14 +205,14 @@ def _train(config: TrainConfig, resume: bool | Path, stop_at: int | None, train_
 
             last = state.step == steps
             due_eval = last or config.eval_every and state.step % config.eval_every == 0
-            if eval_data is not None and is_main and due_eval:
+            if eval_data is not None and (is_main or sharded) and due_eval:  # sharded: a collective
                 result_eval = evaluate_examples(model, eval_data, config.batch_size, config.data.eval_batches)
                 metrics.write("eval", {"step": state.step, **asdict(result_eval)})
             out_of_time = deadline is not None and time.monotonic() + step_s > deadline
             stopping = stop.agreed(world, device, out_of_time) or (stop_at is not None and state.step >= stop_at)
-            if is_main and (last or stopping or config.save_every and state.step % config.save_every == 0):
+            if (is_main or sharded) and (last or stopping or config.save_every and state.step % config.save_every == 0):
                 save_checkpoint(output_dir, model, optimizer, schedule, state, config.keep_checkpoints,
-                                tokenizer=tokenizer, run_name=config.name)
+                                tokenizer=tokenizer, run_name=config.name, sharded=sharded)
             if stopping and not last:
                 why = "stop requested"
                 if out_of_time:
@@ -225,11 +237,47 @@ def _train(config: TrainConfig, resume: bool | Path, stop_at: int | None, train_
         if teacher is not None:
             teacher.close()
     final_dir = output_dir / FINAL_DIR
-    if is_main:
+    if sharded:
+        _save_gathered(model, config.student, final_dir, tokenizer, config.name, is_main)
+    elif is_main:
         save_model(model, final_dir, tokenizer=tokenizer, model_id=config.name)
     if world > 1:
         dist.barrier()
     return TrainResult(state, final_dir, result_eval, stopped_early=False)
+
+
+def _fused_head_allowed(model: torch.nn.Module, is_main: bool) -> bool:
+    reason = fused_head_unsupported(model)
+    if is_main and reason is None:
+        log.info("fused_head: on (the loss computes %s's logits chunk by chunk)", type(model).__name__)
+    elif is_main:
+        log.info("fused_head: off, %s cannot (%s): the loss takes its full logits", type(model).__name__, reason)
+    return reason is None
+
+
+def _fused_head_off(is_main: bool) -> bool:
+    if is_main:
+        log.info("fused_head: off (config): the loss takes the model's full logits")
+    return False
+
+
+def _gradient_sync(trained: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """Whether this micro-batch's backward reduces the gradients over the ranks (DDP's no_sync, FSDP2's flag)."""
+    if isinstance(trained, FSDPModule):
+        trained.set_requires_gradient_sync(sync)
+    elif isinstance(trained, DistributedDataParallel) and not sync:
+        return trained.no_sync()
+    return contextlib.nullcontext()
+
+
+def _save_gathered(model: torch.nn.Module, student: Path, directory: Path, tokenizer, model_id: str,
+                   is_main: bool) -> None:
+    """Gather a sharded student (a collective) and save it on rank 0 as a complete model directory."""
+    state = full_state_dict(model)
+    if is_main:
+        plain = load_model(student)
+        plain.load_state_dict(state)
+        save_model(plain, directory, tokenizer=tokenizer, model_id=model_id)
 
 
 def _resume_from(resume: bool | Path, output_dir: Path) -> Path | None:
