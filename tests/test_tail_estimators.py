@@ -15,7 +15,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from atkd.proto.signal import TAIL_ESTIMATORS, adaptive_counts, compress
+from atkd.proto import teacher_pb2 as pb
+from atkd.proto.codec import decode_signal, encode_signal, message_payload_bytes
+from atkd.proto.signal import TAIL_ESTIMATORS, adaptive_counts, compress, priority_weights
+from atkd.services.teacher.engine import TeacherEngine
+from atkd.services.teacher.errors import InvalidArgument
+from atkd.services.teacher.request import Limits, parse_request
 from atkd.student.losses import atkd_loss, forward_kl
 from atkd.student.losses.atkd import target_and_diversity
 from atkd.student.losses.buckets import dense_buckets, signal_buckets, student_buckets_for_signal
@@ -121,7 +126,7 @@ def test_samples_lie_in_the_tail_and_do_not_depend_on_batching(estimator):
     used = (whole.tail_sample_weights if whole.tail_sample_weights is not None
             else torch.ones_like(whole.tail_sample_logprobs))[:, :width] > 0
     assert torch.equal(whole.tail_sample_ids[:, :width][used], chunked.tail_sample_ids[:, :width][used])
-    ids = whole.tail_sample_ids.masked_fill(~used, -1) if whole.tail_sample_weights is not None else whole.tail_sample_ids
+    ids = whole.tail_sample_ids.masked_fill(~used, -1)
     excluded = torch.cat([whole.topk_ids, targets.unsqueeze(1)], dim=1)
     assert not (ids.unsqueeze(2) == excluded.unsqueeze(1)).any()
 
@@ -152,3 +157,61 @@ def test_bad_estimator_options_are_refused():
         compress(teacher, targets, K, tail_samples=M, tail_estimator="bogus")
     with pytest.raises(ValueError, match="adaptive_tail"):
         compress(teacher, targets, K, tail_samples=M, tail_estimator="rskd", adaptive_tail=True)
+
+
+@pytest.mark.parametrize("codec", ["fp16", "q8"])
+@pytest.mark.parametrize(("estimator", "adaptive"), [("priority", False), ("priority", True), ("gumbel", False),
+                                                     ("rskd", False), ("systematic", True)])
+def test_estimator_fields_survive_the_codec(codec, estimator, adaptive):
+    """Weights, counts and the priority threshold travel; the decoded weights are the sent ones (fp16 error)."""
+    teacher, _, targets = _setup()
+    signal = compress(teacher.float(), targets, 0 if estimator == "rskd" else K, tail_samples=M,
+                      tail_estimator=estimator, adaptive_tail=adaptive, generator=torch.Generator().manual_seed(5))
+    message = encode_signal(signal, codec, VOCAB)
+    decoded = decode_signal(pb.Signal.FromString(message.SerializeToString()))
+    width = signal.num_tail_samples
+    assert decoded.num_tail_samples == width
+    assert torch.equal(decoded.tail_sample_ids, signal.tail_sample_ids)
+    torch.testing.assert_close(decoded.sample_weights(), signal.sample_weights().float(), rtol=2e-2, atol=1e-3)
+    if signal.tail_sample_counts is not None:
+        assert torch.equal(decoded.tail_sample_counts, signal.tail_sample_counts)
+        # ragged: only the used samples travel (ids + log-probs + weights when explicit)
+        per_sample = 2 + 2 + (2 if message.tail_samples.HasField("weights") else 0)
+        assert message.tail_samples.ids.shape == [int(signal.tail_sample_counts.sum())]
+        threshold = (4 if codec == "fp16" else 2) if message.tail_samples.HasField("log_threshold") else 0
+        per_position = 1 + threshold  # the uint8 count, the log-threshold of priority sampling
+        expected = per_sample * int(signal.tail_sample_counts.sum()) + per_position * teacher.shape[0]
+        assert message_payload_bytes(message.tail_samples) == expected
+
+
+def test_requests_choose_the_estimator_and_bad_combinations_are_refused():
+    limits = Limits(vocab_size=512, max_seq_len=128, max_batch_tokens=1024, max_top_k=64, max_tail_samples=8)
+
+    def parse(**fields):
+        request = pb.ScoreRequest(token_ids=list(range(10)), lengths=[10], **fields)
+        return parse_request(request, limits)[0]
+
+    job = parse(top_k=8, tail_samples=4, tail_estimator=pb.TAIL_PRIORITY, adaptive_tail=True, seed=3)
+    assert (job.tail_estimator, job.adaptive_tail) == ("priority", True)
+    assert parse(top_k=0, tail_samples=8, tail_estimator=pb.TAIL_RSKD).top_k == 0
+    for fields, message in [(dict(top_k=0, tail_samples=4), "top_k"),
+                            (dict(top_k=8, tail_estimator=pb.TAIL_RSKD), "TAIL_RSKD"),
+                            (dict(top_k=8, tail_samples=4, tail_estimator=pb.TAIL_RSKD, adaptive_tail=True),
+                             "adaptive_tail"),
+                            (dict(top_k=8, adaptive_tail=True), "adaptive_tail"),
+                            (dict(top_k=8, tail_samples=4, tail_estimator=17), "tail_estimator")]:
+        with pytest.raises(InvalidArgument, match=message):
+            parse(**fields)
+
+
+def test_engine_draws_with_the_requested_estimator(tiny_model_dir):
+    """A real engine on a tiny model: seeded priority samples are reproducible and carry their threshold."""
+    engine = TeacherEngine.load(tiny_model_dir, chunk_size=7)
+    limits = Limits(vocab_size=512, max_seq_len=128, max_batch_tokens=1024, max_top_k=64, max_tail_samples=8)
+    request = pb.ScoreRequest(token_ids=list(range(30)), lengths=[30], top_k=8, tail_samples=4, seed=11,
+                              tail_estimator=pb.TAIL_PRIORITY)
+    job = parse_request(request, limits)[0]
+    a, b = engine.score([job, job])
+    assert torch.equal(a.tail_sample_ids, b.tail_sample_ids) and a.tail_log_threshold.shape == (29,)
+    expected = priority_weights(a.tail_sample_logprobs, a.tail_logprob, a.tail_log_threshold)
+    torch.testing.assert_close(a.tail_sample_weights, expected)
