@@ -1,6 +1,6 @@
 """A second, confident demo teacher: the demo teacher trained longer, until its top-64 holds most of the mass.
 
-    python -m bench.confident_teacher [--steps 600 --segment 50 --target-mass 0.85]
+    python -m bench.confident_teacher [--steps 300 --segment 100 --batch-size 8 --lr 3e-3 --target-mass 0.85]
 
 The demo teacher (:func:`atkd.student.demo.assets.prepare_demo_assets`, 200 steps) is flat: its top-64
 holds about two thirds of the probability on held-out text, where a real 7B teacher's holds far more.
@@ -42,8 +42,8 @@ def topk_mass(model, assets: DemoAssets, k: int = 64, batches: int = MASS_BATCHE
     return torch.cat(masses).mean().item()
 
 
-def confident_teacher_dir(assets: DemoAssets, *, steps: int = 600, segment: int = 50, batch_size: int = 16,
-                          lr: float = 2e-3, target_mass: float = 0.85, seed: int = 7) -> Path:
+def confident_teacher_dir(assets: DemoAssets, *, steps: int = 300, segment: int = 100, batch_size: int = 8,
+                          lr: float = 3e-3, target_mass: float = 0.85, seed: int = 7) -> Path:
     """The cached confident teacher's directory (built on first use; see the module docstring).
 
     Its ``confidence.json`` records the steps trained and the top-64 mass after every segment.
@@ -76,10 +76,10 @@ def confident_teacher_dir(assets: DemoAssets, *, steps: int = 600, segment: int 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=600, help="most extra training steps")
-    parser.add_argument("--segment", type=int, default=50, help="steps between mass measurements")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--steps", type=int, default=300, help="most extra training steps")
+    parser.add_argument("--segment", type=int, default=100, help="steps between mass measurements")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--target-mass", type=float, default=0.85)
     args = parser.parse_args()
     hf_logging.disable_progress_bar()

@@ -239,12 +239,12 @@ def report(paths: list[str]) -> None:
     for (teacher, signal), group in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[1][0]["bytes"] or -1)):
         ratios = [100 * (r["ppl"] / dense[teacher, r["seed"]] - 1) for r in group if (teacher, r["seed"]) in dense]
         angles = [r["angle"] for r in group if r["angle"] is not None]
-        size = statistics.mean(r["bytes"] for r in group) if group[0]["bytes"] else float("nan")
+        size = f"{statistics.mean(r['bytes'] for r in group):6.0f}" if group[0]["bytes"] else f"{'-':>6s}"
         ratio = (f"{statistics.mean(ratios):+7.2f}% +- {statistics.stdev(ratios) if len(ratios) > 1 else 0:5.2f}%"
                  if ratios and signal != "dense" else "-")
         angle = (f"{statistics.mean(angles):5.1f} +- {statistics.stdev(angles) if len(angles) > 1 else 0:4.1f}"
                  if angles else "-")
-        print(f"{teacher:22s} {signal:24s} {group[0]['k']:3d} {group[0]['samples']:5d} {size:6.0f} {len(group):5d} "
+        print(f"{teacher:22s} {signal:24s} {group[0]['k']:3d} {group[0]['samples']:5d} {size} {len(group):5d} "
               f"{statistics.mean(r['ppl'] for r in group):8.2f} {ratio:>23s} {angle:>14s}")
 
 

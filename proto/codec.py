@@ -168,11 +168,12 @@ def _encode_tail(signal: TeacherSignal, codec: str, ids: int) -> pb.TailSamples:
     message = pb.TailSamples()
     if signal.tail_sample_counts is not None:
         counts = _numpy(signal.tail_sample_counts)
-        if counts.size and (counts.min() < 0 or counts.max() > min(255, signal.num_tail_samples)):
-            raise ValueError(f"tail_sample_counts must lie in [0, min(255, m = {signal.num_tail_samples})]")
+        if counts.size and (counts.min() < 0 or counts.max() > signal.num_tail_samples):
+            raise ValueError(f"tail_sample_counts must lie in [0, m = {signal.num_tail_samples}]")
         used = np.arange(signal.num_tail_samples) < counts[:, None]
         columns = {name: None if value is None else _numpy(value)[used] for name, value in columns.items()}
-        message.counts.CopyFrom(encode_tensor(counts, pb.DTYPE_UINT8))
+        wide = counts.size and counts.max() > 255
+        message.counts.CopyFrom(encode_tensor(counts, pb.DTYPE_UINT16 if wide else pb.DTYPE_UINT8))
     message.ids.CopyFrom(encode_tensor(columns["ids"], ids))
     message.logprobs.CopyFrom(encode_tensor(columns["logprobs"], pb.DTYPE_FLOAT16))
     if signal.tail_log_threshold is not None:  # priority sampling: the weights follow from tau
