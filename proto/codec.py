@@ -205,7 +205,7 @@ def _decode_tail(message: pb.TailSamples, num_positions: int, tail_logprob: torc
         threshold = torch.from_numpy(_read(message.log_threshold))
         weights = priority_weights(fields["tail_sample_logprobs"], tail_logprob, threshold).numpy()
         if "tail_sample_counts" in fields:
-            weights = weights * used  # padding weighs 0
+            weights = np.where(used, weights, 0.0)  # padding weighs 0
         fields["tail_log_threshold"] = threshold
     elif explicit is not None:
         weights = explicit

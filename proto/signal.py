@@ -337,6 +337,8 @@ class TailDraws:
         elif estimator in ("priority", "gumbel"):
             ids, weights, threshold, keep = _without_replacement(estimator, masked_logits, logp, tail_logprob,
                                                                  used, width, generator, offsets, keep)
+            if counts is None and not keep.all():  # a tail of fewer than m tokens: say which samples are real
+                counts = keep.sum(1)
         else:  # rskd
             return _rskd(masked_logits, logp, tail_logprob, m, generator, offsets)
         ids = ids.masked_fill(~keep, 0)

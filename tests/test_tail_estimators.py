@@ -215,3 +215,24 @@ def test_engine_draws_with_the_requested_estimator(tiny_model_dir):
     assert torch.equal(a.tail_sample_ids, b.tail_sample_ids) and a.tail_log_threshold.shape == (29,)
     expected = priority_weights(a.tail_sample_logprobs, a.tail_logprob, a.tail_log_threshold)
     torch.testing.assert_close(a.tail_sample_weights, expected)
+
+
+@pytest.mark.parametrize("estimator", ["priority", "gumbel"])
+def test_a_tail_smaller_than_m_is_sent_whole_and_exact(estimator):
+    """V = 10, k = 4: a tail of 5 tokens (or 6 past an ignored target) with m = 8 is taken whole, with weights
+    p_j / P_tail (the exact tail mean); the placeholders travel as padding and weigh 0 after the codec."""
+    logits = torch.randn(3, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    targets = torch.tensor([9, 0, -100])
+    signal = compress(logits, targets, 4, tail_samples=8, tail_estimator=estimator,
+                      generator=torch.Generator().manual_seed(1))
+    assert signal.tail_sample_counts.tolist() == [5 if t >= 0 and t not in top else 6 for t, top in
+                                                 zip(targets.tolist(), signal.topk_ids.tolist(), strict=True)]
+    exact = (signal.tail_sample_logprobs - signal.tail_logprob.unsqueeze(1)).exp()
+    used = signal.sample_weights() > 0
+    torch.testing.assert_close(signal.sample_weights()[used], exact[used])
+    decoded = decode_signal(pb.Signal.FromString(encode_signal(signal, "fp16", 10).SerializeToString()))
+    assert torch.isfinite(decoded.sample_weights()).all()
+    width = decoded.num_tail_samples  # the widest count: the padding past it is not sent
+    assert width == int(signal.tail_sample_counts.max()) and not signal.sample_weights()[:, width:].any()
+    torch.testing.assert_close(decoded.sample_weights(), signal.sample_weights()[:, :width].float(),
+                               rtol=2e-3, atol=1e-4)
