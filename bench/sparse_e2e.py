@@ -2,7 +2,7 @@
 
     python -m bench.sparse_e2e [--teacher flat --signals dense,systematic@336,priority+cv@200/q8 --seeds 0,1,2
                                 --steps 300 --batch-size 16 --seq-len 128 --out results.jsonl]
-    python -m bench.sparse_e2e --report results.jsonl [more.jsonl ...]
+    python -m bench.sparse_e2e --report results.jsonl [more.jsonl ...] [--markdown]
 
 All signals of a seed train in lockstep: every student starts from the same initialisation and sees the
 same batches in the same order; at each step the teacher runs once and each signal is made from its
@@ -227,15 +227,19 @@ def load_teacher(name: str, assets):
     raise ValueError(f"unknown teacher {name!r}: flat or confident")
 
 
-def report(paths: list[str]) -> None:
+def report(paths: list[str], markdown: bool = False) -> None:
     """Mean +- std over seeds of the perplexity ratio to dense, bytes and gradient angle, per teacher and signal."""
     rows = [json.loads(line) for path in paths for line in open(path) if line.strip()]
     dense = {(r["teacher"], r["seed"]): r["ppl"] for r in rows if r["signal"] == "dense"}
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["teacher"], r["signal"]), []).append(r)
-    print(f"{'teacher':22s} {'signal':24s} {'k':>3s} {'m':>5s} {'B/tok':>6s} {'seeds':>5s} {'ppl':>8s} "
-          f"{'vs dense (mean +- std)':>23s} {'grad angle':>14s}")
+    if markdown:
+        print("| teacher | signal | k | m | B/token | seeds | ppl | vs dense (mean +- std) | grad angle (deg) |")
+        print("|---|---|---|---|---|---|---|---|---|")
+    else:
+        print(f"{'teacher':22s} {'signal':24s} {'k':>3s} {'m':>5s} {'B/tok':>6s} {'seeds':>5s} {'ppl':>8s} "
+              f"{'vs dense (mean +- std)':>23s} {'grad angle':>14s}")
     for (teacher, signal), group in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[1][0]["bytes"] or -1)):
         ratios = [100 * (r["ppl"] / dense[teacher, r["seed"]] - 1) for r in group if (teacher, r["seed"]) in dense]
         angles = [r["angle"] for r in group if r["angle"] is not None]
@@ -244,8 +248,13 @@ def report(paths: list[str]) -> None:
                  if ratios and signal != "dense" else "-")
         angle = (f"{statistics.mean(angles):5.1f} +- {statistics.stdev(angles) if len(angles) > 1 else 0:4.1f}"
                  if angles else "-")
+        ppl = statistics.mean(r["ppl"] for r in group)
+        if markdown:
+            print(f"| {teacher} | `{signal}` | {group[0]['k']} | {group[0]['samples']} | {size.strip()} | "
+                  f"{len(group)} | {ppl:.2f} | {ratio} | {angle} |")
+            continue
         print(f"{teacher:22s} {signal:24s} {group[0]['k']:3d} {group[0]['samples']:5d} {size} {len(group):5d} "
-              f"{statistics.mean(r['ppl'] for r in group):8.2f} {ratio:>23s} {angle:>14s}")
+              f"{ppl:8.2f} {ratio:>23s} {angle:>14s}")
 
 
 def main() -> None:
@@ -264,9 +273,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", help="append one JSON line per run to this file")
     parser.add_argument("--report", nargs="+", metavar="JSONL", help="only aggregate these result files")
+    parser.add_argument("--markdown", action="store_true", help="--report as a markdown table")
     args = parser.parse_args()
     if args.report:
-        report(args.report)
+        report(args.report, args.markdown)
         return
     if args.threads:
         torch.set_num_threads(args.threads)
