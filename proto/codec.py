@@ -17,7 +17,11 @@ ids take I = 2 bytes (uint16) when the vocabulary has at most 65536 entries, els
     travel as one float16 log-odds x = log p_g - log(1 - p_g), decoded as log p_g = -softplus(-x)
     and 1 - p_g = exp(-softplus(x)) (relative error 2^-11 |x|); tail_logprob in float16; entropy
     (a diagnostic no loss uses) as uint8 in steps of 1/16 nat up to 16 nats.
-Optional tail samples add ``(I + 2) * m`` bytes (float16 log-probs) in both codecs.
+Optional tail samples add ``(I + 2) * m`` bytes (float16 log-probs) in both codecs, and with the tail
+estimators of :mod:`atkd.proto.signal`: 2 bytes per sample for explicit weights (Gumbel-top-m, RS-KD),
+or one log-threshold per position instead (priority sampling: 4 bytes in fp16, 2 in q8); a ragged
+layout (adaptive budget, RS-KD's distinct tokens) adds a uint8 count per position and sends only the
+samples used. :func:`message_payload_bytes` counts the tensor bytes of an encoded message.
 
 The arithmetic is numpy's: the server encodes on its event loop while the engine's forward runs, and
 torch would start an OpenMP team for it that competes with the forward's.
@@ -35,7 +39,7 @@ import numpy as np
 import torch
 
 from atkd.proto import teacher_pb2 as pb
-from atkd.proto.signal import TeacherSignal
+from atkd.proto.signal import TeacherSignal, priority_weights
 
 #: Codec names as a client or config spells them, and their wire value.
 CODECS = {"fp16": pb.CODEC_FP16, "q8": pb.CODEC_Q8}
@@ -117,6 +121,14 @@ def _read(message: pb.Tensor, as_dtype: type = np.float32) -> np.ndarray:
     return np.frombuffer(message.data, dtype=dtype).reshape(shape).astype(as_dtype)
 
 
+def message_payload_bytes(message) -> int:
+    """Bytes of tensor data in an encoded message (every ``Tensor`` in it, recursively)."""
+    if isinstance(message, pb.Tensor):
+        return len(message.data)
+    return sum(message_payload_bytes(value) for field, value in message.ListFields()
+               if field.message_type is not None)
+
+
 def payload_bytes(codec: str, k: int, vocab_size: int, tail_samples: int = 0) -> int:
     """Bytes of tensor data per scored position (message framing adds a constant per response)."""
     ids = np.dtype(_NUMPY[id_dtype(vocab_size)]).itemsize
@@ -159,12 +171,70 @@ def encode_signal(signal: TeacherSignal, codec: str, vocab_size: int) -> pb.Sign
     else:
         raise ValueError(f"unknown codec {codec!r}; choose one of {sorted(CODECS)}")
     if signal.tail_sample_ids is not None:
-        message.tail_samples.CopyFrom(pb.TailSamples(
-            ids=encode_tensor(signal.tail_sample_ids, ids),
-            logprobs=encode_tensor(_float16_range(signal.tail_sample_logprobs), pb.DTYPE_FLOAT16),
-        ))  # fmt: skip
+        message.tail_samples.CopyFrom(_encode_tail(signal, codec, ids))
     return message
 
+
+def _encode_tail(signal: TeacherSignal, codec: str, ids: int) -> pb.TailSamples:
+    """The tail samples of a flattened signal, ragged when it carries counts (see TailSamples in the proto)."""
+    columns = {"ids": signal.tail_sample_ids, "logprobs": signal.tail_sample_logprobs,
+               "weights": signal.tail_sample_weights}
+    message = pb.TailSamples()
+    if signal.tail_sample_counts is not None:
+        counts = _numpy(signal.tail_sample_counts)
+        if counts.size and (counts.min() < 0 or counts.max() > signal.num_tail_samples):
+            raise ValueError(f"tail_sample_counts must lie in [0, m = {signal.num_tail_samples}]")
+        used = np.arange(signal.num_tail_samples) < counts[:, None]
+        columns = {name: None if value is None else _numpy(value)[used] for name, value in columns.items()}
+        wide = counts.size and counts.max() > 255
+        message.counts.CopyFrom(encode_tensor(counts, pb.DTYPE_UINT16 if wide else pb.DTYPE_UINT8))
+    message.ids.CopyFrom(encode_tensor(columns["ids"], ids))
+    message.logprobs.CopyFrom(encode_tensor(_float16_range(columns["logprobs"]), pb.DTYPE_FLOAT16))
+    if signal.tail_log_threshold is not None:  # priority sampling: the weights follow from tau
+        dtype = pb.DTYPE_FLOAT32 if codec == "fp16" else pb.DTYPE_FLOAT16
+        message.log_threshold.CopyFrom(encode_tensor(signal.tail_log_threshold, dtype))
+    elif columns["weights"] is not None:
+        message.weights.CopyFrom(encode_tensor(columns["weights"], pb.DTYPE_FLOAT16))
+    return message
+
+
+def _decode_tail(message: pb.TailSamples, num_positions: int, tail_logprob: torch.Tensor) -> dict:
+    """TeacherSignal fields of a TailSamples message: padded ``[N, max count]`` when it is ragged."""
+    ids = _read(message.ids, np.int64)
+    logprobs = _read(message.logprobs)
+    explicit = _read(message.weights) if message.HasField("weights") else None
+    fields = {}
+    if message.HasField("counts"):
+        counts = _read(message.counts, np.int64)
+        if counts.shape != (num_positions,) or counts.sum() != ids.shape[0] or ids.shape != logprobs.shape:
+            raise ValueError(f"ragged tail samples: counts {counts.shape} must be [{num_positions}] and sum to the "
+                             f"{ids.shape[0]} samples sent")
+        used = np.arange(int(counts.max(initial=0))) < counts[:, None]
+        ids, logprobs, explicit = (_unflatten(column, used) for column in (ids, logprobs, explicit))
+        fields["tail_sample_counts"] = torch.from_numpy(counts)
+    weights = None
+    fields["tail_sample_ids"] = torch.from_numpy(ids)
+    fields["tail_sample_logprobs"] = torch.from_numpy(logprobs)
+    if message.HasField("log_threshold"):
+        threshold = torch.from_numpy(_read(message.log_threshold))
+        weights = priority_weights(fields["tail_sample_logprobs"], tail_logprob, threshold).numpy()
+        if "tail_sample_counts" in fields:
+            weights = np.where(used, weights, 0.0)  # padding weighs 0
+        fields["tail_log_threshold"] = threshold
+    elif explicit is not None:
+        weights = explicit
+    if weights is not None:
+        fields["tail_sample_weights"] = torch.from_numpy(np.asarray(weights, dtype=np.float32))
+    return fields
+
+
+def _unflatten(column: np.ndarray | None, used: np.ndarray) -> np.ndarray | None:
+    """Ragged values ``[sum counts]`` into ``[N, max count]`` (zeros past each row's count)."""
+    if column is None:
+        return None
+    out = np.zeros(used.shape, dtype=column.dtype)
+    out[used] = column
+    return out
 
 def _float16_range(values: torch.Tensor) -> np.ndarray:
     """Log-probs clipped to float16's finite range (NaN stays NaN), so that float16 never turns them into -inf."""
@@ -194,7 +264,8 @@ def _check_values(signal: TeacherSignal, vocab_size: int | None) -> None:
         if low < 0 or (vocab_size is not None and high >= vocab_size):
             raise MalformedSignal(f"malformed Signal message: {name} holds ids in [{low}, {high}], outside "
                                   f"the vocabulary [0, {vocab_size})")
-    for name in ("target_logprob", "topk_logprobs", "tail_logprob", "uncertainty", "entropy", "tail_sample_logprobs"):
+    for name in ("target_logprob", "topk_logprobs", "tail_logprob", "uncertainty", "entropy", "tail_sample_logprobs",
+                 "tail_sample_weights"):
         values = getattr(signal, name)
         if values is None:
             continue
@@ -235,8 +306,7 @@ def _decode_signal(message: pb.Signal) -> TeacherSignal:
     else:
         raise MalformedSignal("malformed Signal message: no payload (neither fp16 nor q8)")
     if message.HasField("tail_samples"):
-        fields["tail_sample_ids"] = decode_tensor(message.tail_samples.ids, i64)
-        fields["tail_sample_logprobs"] = decode_tensor(message.tail_samples.logprobs, f32)
+        fields.update(_decode_tail(message.tail_samples, message.num_positions, fields["tail_logprob"]))
     signal = TeacherSignal(**fields)
     if signal.target_logprob.shape != (message.num_positions,):
         raise MalformedSignal(f"malformed Signal message: it announces {message.num_positions} positions but "

@@ -15,10 +15,11 @@ MAX_MESSAGE_BYTES = (1 << 31) - 1
 def message_limits(config: TeacherConfig) -> tuple[int, int]:
     """(receive, send) gRPC message limits in bytes that fit the largest request and response the
     config allows: per token at most 16 request bytes (id, mask flag, length), and at most 6 bytes per
-    top-k entry and tail sample (int32 id, fp16 log-prob) plus 16 of scalars in the response."""
+    top-k entry (int32 id, fp16 log-prob), 8 per tail sample (with a fp16 weight) plus 21 of scalars
+    (with a tail count and a log-threshold) in the response."""
     slack = 1 << 16
     receive = 16 * config.max_batch_tokens + slack
-    send = config.max_batch_tokens * (6 * config.top_k_max + 6 * config.max_tail_samples + 16) + slack
+    send = config.max_batch_tokens * (6 * config.top_k_max + 8 * config.max_tail_samples + 21) + slack
     return receive, send
 
 

@@ -58,6 +58,8 @@ class ScoreJob:
     temperature: float
     tail_samples: int
     tail_offsets: torch.Tensor | None = None
+    tail_estimator: str = "systematic"
+    adaptive_tail: bool = False  # the split of the samples is per compress() chunk: it follows the batching
 
     @property
     def tokens(self) -> int:
@@ -103,8 +105,10 @@ def parse_request(request: pb.ScoreRequest, limits: Limits) -> tuple[ScoreJob, s
     if request.score_mask and len(request.score_mask) != ids.size:
         raise InvalidArgument(f"score_mask has {len(request.score_mask)} flags for {ids.size} token_ids "
                               "(give one per token, or none to score every position)")
-    if not 1 <= request.top_k <= min(limits.max_top_k, limits.vocab_size):
-        raise InvalidArgument(f"top_k = {request.top_k} must be in [1, {min(limits.max_top_k, limits.vocab_size)}]")
+    tail_estimator = _tail_estimator(request)
+    top_k_max = min(limits.max_top_k, limits.vocab_size)
+    if not (0 if tail_estimator == "rskd" else 1) <= request.top_k <= top_k_max:
+        raise InvalidArgument(f"top_k = {request.top_k} must be in [1, {top_k_max}] (0 only with TAIL_RSKD)")
     try:
         codec = codec_name(request.codec)
     except ValueError as error:
@@ -124,9 +128,28 @@ def parse_request(request: pb.ScoreRequest, limits: Limits) -> tuple[ScoreJob, s
     job = ScoreJob(
         token_ids=torch.from_numpy(ids), lengths=lengths, rows=torch.from_numpy(rows), cols=torch.from_numpy(cols),
         targets=torch.from_numpy(ids[flat + 1]), top_k=request.top_k, temperature=temperature,
-        tail_samples=request.tail_samples, tail_offsets=offsets,
+        tail_samples=request.tail_samples, tail_offsets=offsets, tail_estimator=tail_estimator,
+        adaptive_tail=request.adaptive_tail,
     )  # fmt: skip
     return job, codec
+
+
+#: Wire values of the tail estimators (``ScoreRequest.tail_estimator``), by name.
+TAIL_ESTIMATOR_VALUES = {"systematic": pb.TAIL_SYSTEMATIC, "iid": pb.TAIL_IID, "priority": pb.TAIL_PRIORITY,
+                         "gumbel": pb.TAIL_GUMBEL, "rskd": pb.TAIL_RSKD}
+
+
+def _tail_estimator(request: pb.ScoreRequest) -> str:
+    """The request's tail estimator by name, checked together with ``adaptive_tail``."""
+    names = {value: name for name, value in TAIL_ESTIMATOR_VALUES.items()}
+    if request.tail_estimator not in names:
+        raise InvalidArgument(f"tail_estimator = {request.tail_estimator} is unknown; known: {sorted(names)}")
+    name = names[request.tail_estimator]
+    if request.adaptive_tail and (name == "rskd" or not request.tail_samples):
+        raise InvalidArgument("adaptive_tail needs tail_samples > 0 and a tail estimator other than TAIL_RSKD")
+    if name == "rskd" and not request.tail_samples:
+        raise InvalidArgument("tail_estimator = TAIL_RSKD needs tail_samples > 0 (the number of draws)")
+    return name
 
 
 def _check_lengths(lengths: tuple[int, ...], total: int, limits: Limits) -> None:

@@ -62,11 +62,13 @@ def split_hard(uncertainty: torch.Tensor, split: str = "median", hard_fraction: 
     raise ValueError(f"unknown split rule {split!r}; choose one of {SPLIT_RULES}")
 
 
-def target_and_diversity(divergence: Divergence, teacher: Normalised, student: Normalised):
-    """Per-token TKD = D(b_p, b_q) and DKD = D(p^, q^), each ``[n]``."""
+def target_and_diversity(divergence: Divergence, teacher: Normalised, student: Normalised, *,
+                         tail_control_variate: bool = False):
+    """Per-token TKD = D(b_p, b_q) and DKD = D(p^, q^), each ``[n]`` (tail samples: see bucket_sum)."""
     tkd = divergence.term(teacher.log_target, student.log_target) + divergence.term(
         teacher.log_uncertainty, student.log_uncertainty)
-    dkd = bucket_sum(divergence, teacher.hat, student.hat, teacher.hat_samples, student.hat_samples)
+    dkd = bucket_sum(divergence, teacher.hat, student.hat, teacher.hat_samples, student.hat_samples,
+                     sample_weights=teacher.buckets.sample_weights, control_variate=tail_control_variate)
     return tkd, dkd
 
 
@@ -81,6 +83,7 @@ def atkd_loss(
     base: str | Divergence = "forward",
     decouple: bool = True,
     chunk_size: int | None = None,
+    tail_control_variate: bool = False,
 ) -> LossResult:
     """The ATKD loss (module docstring) and its statistics.
 
@@ -94,6 +97,9 @@ def atkd_loss(
         base: "forward", "reverse", "jsd", "skew_forward", "skew_reverse", "tvd" or a Divergence.
         decouple: False multiplies DKD by the coupling factor (for ablations and identity checks).
         chunk_size: valid tokens per chunk of ``[tokens, V]`` work (default: ~4M elements).
+        tail_control_variate: with a signal's tail samples, estimate the tail term with the student's
+            own tail as a control variate (:func:`atkd.student.losses.buckets.bucket_sum`); the
+            weights of the samples always come with the signal.
 
     Returns:
         :class:`LossResult`; ``stats`` (0-dim tensors, accumulated on device: the loss never syncs
@@ -122,7 +128,8 @@ def atkd_loss(
     def chunk_loss(positions: slice, logits: torch.Tensor) -> torch.Tensor:
         teacher_dist = batch.teacher_normalised(positions)
         student_dist = batch.student_normalised(positions, logits)
-        tkd, dkd = target_and_diversity(divergence, teacher_dist, student_dist)
+        tkd, dkd = target_and_diversity(divergence, teacher_dist, student_dist,
+                                        tail_control_variate=tail_control_variate)
         if not decouple:
             coupling = student_dist if isinstance(divergence, ReverseKL) else teacher_dist
             dkd = coupling.uncertainty * dkd

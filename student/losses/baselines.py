@@ -27,8 +27,10 @@ from .result import LossResult
 
 
 def full_divergence_loss(student_logits, teacher: TeacherInput, targets, divergence: Divergence,
-                         *, chunk_size: int | None = None) -> LossResult:
-    """mean over valid tokens of D(p, q) = phi(p_g, q_g) + sum_{buckets i != g} phi(p_i, q_i)."""
+                         *, chunk_size: int | None = None, tail_control_variate: bool = False) -> LossResult:
+    """mean over valid tokens of D(p, q) = phi(p_g, q_g) + sum_{buckets i != g} phi(p_i, q_i).
+
+    ``tail_control_variate``: see :func:`atkd.student.losses.buckets.bucket_sum`."""
     if teacher is None:
         raise ValueError(f"{divergence.name} KD needs a teacher (dense logits or a TeacherSignal), got None")
     batch = LossBatch.from_inputs(student_logits, teacher, targets)
@@ -38,37 +40,48 @@ def full_divergence_loss(student_logits, teacher: TeacherInput, targets, diverge
         p = batch.teacher_normalised(positions)
         q = batch.student_normalised(positions, logits)
         per_token = divergence.term(p.log_target, q.log_target) + bucket_sum(
-            divergence, p.full, q.full, p.full_samples, q.full_samples)
+            divergence, p.full, q.full, p.full_samples, q.full_samples,
+            sample_weights=p.buckets.sample_weights, control_variate=tail_control_variate)
         return scale * per_token.sum()
 
     return LossResult(fused_chunked_sum(batch, chunk_loss, chunk_size))
 
 
-def forward_kl(student_logits, teacher, targets, *, chunk_size=None) -> LossResult:
-    return full_divergence_loss(student_logits, teacher, targets, ForwardKL(), chunk_size=chunk_size)
+def forward_kl(student_logits, teacher, targets, *, chunk_size=None, tail_control_variate=False) -> LossResult:
+    return full_divergence_loss(student_logits, teacher, targets, ForwardKL(), chunk_size=chunk_size,
+                                tail_control_variate=tail_control_variate)
 
 
-def reverse_kl(student_logits, teacher, targets, *, chunk_size=None) -> LossResult:
-    return full_divergence_loss(student_logits, teacher, targets, ReverseKL(), chunk_size=chunk_size)
+def reverse_kl(student_logits, teacher, targets, *, chunk_size=None, tail_control_variate=False) -> LossResult:
+    return full_divergence_loss(student_logits, teacher, targets, ReverseKL(), chunk_size=chunk_size,
+                                tail_control_variate=tail_control_variate)
 
 
-def jsd(student_logits, teacher, targets, *, beta: float = 0.5, chunk_size=None) -> LossResult:
-    return full_divergence_loss(student_logits, teacher, targets, JSD(beta), chunk_size=chunk_size)
+def jsd(student_logits, teacher, targets, *, beta: float = 0.5, chunk_size=None,
+        tail_control_variate=False) -> LossResult:
+    return full_divergence_loss(student_logits, teacher, targets, JSD(beta), chunk_size=chunk_size,
+                                tail_control_variate=tail_control_variate)
 
 
-def skew_forward_kl(student_logits, teacher, targets, *, alpha: float = 0.1, chunk_size=None) -> LossResult:
-    return full_divergence_loss(student_logits, teacher, targets, SkewForwardKL(alpha), chunk_size=chunk_size)
+def skew_forward_kl(student_logits, teacher, targets, *, alpha: float = 0.1, chunk_size=None,
+                    tail_control_variate=False) -> LossResult:
+    return full_divergence_loss(student_logits, teacher, targets, SkewForwardKL(alpha), chunk_size=chunk_size,
+                                tail_control_variate=tail_control_variate)
 
 
-def skew_reverse_kl(student_logits, teacher, targets, *, alpha: float = 0.1, chunk_size=None) -> LossResult:
-    return full_divergence_loss(student_logits, teacher, targets, SkewReverseKL(alpha), chunk_size=chunk_size)
+def skew_reverse_kl(student_logits, teacher, targets, *, alpha: float = 0.1, chunk_size=None,
+                    tail_control_variate=False) -> LossResult:
+    return full_divergence_loss(student_logits, teacher, targets, SkewReverseKL(alpha), chunk_size=chunk_size,
+                                tail_control_variate=tail_control_variate)
 
 
-def tvd(student_logits, teacher, targets, *, chunk_size=None) -> LossResult:
-    return full_divergence_loss(student_logits, teacher, targets, TVD(), chunk_size=chunk_size)
+def tvd(student_logits, teacher, targets, *, chunk_size=None, tail_control_variate=False) -> LossResult:
+    return full_divergence_loss(student_logits, teacher, targets, TVD(), chunk_size=chunk_size,
+                                tail_control_variate=tail_control_variate)
 
 
-def dkd(student_logits, teacher, targets, *, alpha: float = 1.0, beta: float = 8.0, chunk_size=None) -> LossResult:
+def dkd(student_logits, teacher, targets, *, alpha: float = 1.0, beta: float = 8.0, chunk_size=None,
+        tail_control_variate=False) -> LossResult:
     """Decoupled KD (Zhao et al. 2022; their defaults alpha = 1, beta = 8), at temperature 1."""
     if teacher is None:
         raise ValueError("dkd needs a teacher (dense logits or a TeacherSignal), got None")
@@ -78,7 +91,8 @@ def dkd(student_logits, teacher, targets, *, alpha: float = 1.0, beta: float = 8
 
     def chunk_loss(positions: slice, logits: torch.Tensor) -> torch.Tensor:
         tckd, nckd = target_and_diversity(divergence, batch.teacher_normalised(positions),
-                                          batch.student_normalised(positions, logits))
+                                          batch.student_normalised(positions, logits),
+                                          tail_control_variate=tail_control_variate)
         return scale * (alpha * tckd + beta * nckd).sum()
 
     return LossResult(fused_chunked_sum(batch, chunk_loss, chunk_size))

@@ -13,7 +13,8 @@ the target column is removed by masking, never by subtraction from the full KL (
     log_target = log p_g,  log_uncertainty = log(1 - p_g) = logsumexp(rest) - logsumexp(all),
     hat  = log p^_i  = rest_i - logsumexp(rest)         (renormalised non-target distribution)
     full = log p_i   = rest_i - logsumexp(all)          (non-target part of the full distribution)
-Optional tail samples (tokens drawn from the teacher's tail) are carried at the same offsets.
+Optional tail samples (tokens drawn from the teacher's tail) are carried at the same offsets, with
+their weights a_j (see :mod:`atkd.proto.signal`; None: 1/m each).
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ class Buckets:
     target: torch.Tensor
     rest: torch.Tensor
     samples: torch.Tensor | None = None
+    sample_weights: torch.Tensor | None = None
 
     def normalise(self) -> Normalised:
         return Normalised(self)
@@ -95,11 +97,12 @@ def signal_buckets(signal: TeacherSignal, targets: torch.Tensor, dtype: torch.dt
     is_target = signal.topk_ids == targets.unsqueeze(1)
     topk = signal.topk_logprobs.to(dtype).masked_fill(is_target, MASKED)
     tail = signal.tail_logprob.to(dtype).clamp_min(MASKED).unsqueeze(1)
-    samples = signal.tail_sample_logprobs
+    samples, weights = signal.tail_sample_logprobs, signal.sample_weights()
     return Buckets(
         target=signal.target_logprob.to(dtype),
         rest=torch.cat([topk, tail], dim=1),
         samples=None if samples is None else samples.to(dtype),
+        sample_weights=None if weights is None else weights.to(dtype),
     )
 
 
@@ -117,15 +120,34 @@ def student_buckets_for_signal(logits: torch.Tensor, signal: TeacherSignal, targ
     )
 
 
-def bucket_sum(divergence, log_p, log_q, log_p_samples=None, log_q_samples=None) -> torch.Tensor:
+def bucket_sum(divergence, log_p, log_q, log_p_samples=None, log_q_samples=None, *,
+               sample_weights=None, control_variate: bool = False) -> torch.Tensor:
     """sum_i phi(log p_i, log q_i) over the buckets ``[n, C]`` -> ``[n]``.
 
-    With tail samples ``[n, m]`` (drawn from p restricted to the last bucket), the last bucket's
-    term is replaced by the unbiased importance-sampling estimate of the per-token sum over the
-    tokens it holds:  P_tail * mean_j phi(p_j, q_j) / p_j.
+    With tail samples ``[n, m]`` (drawn from p restricted to the last bucket, the TAIL, of mass P_T),
+    the last bucket's term is replaced by an unbiased estimate of the per-token sum over the tokens it
+    holds, S = sum_{i in T} phi(p_i, q_i) = P_T E_{i ~ p/P_T}[phi_i / p_i]:
+        S^ = P_T sum_j a_j phi_j / p_j          (a_j = ``sample_weights``, default 1/m)
+    ``control_variate`` subtracts the student's own tail, known exactly: with r = q / p and the slope
+    beta = -f'(1) of the divergence's f(r) = phi / p (:meth:`Divergence.control_variate_slope`),
+        S^_cv = P_T sum_j a_j [phi_j / p_j + beta (r_j - 1)] - beta (Q_T - P_T),
+    unbiased for any beta since E[P_T sum_j a_j (r_j - 1)] = Q_T - P_T (Q_T: the student's exact TAIL
+    mass). The integrand f(r) + beta (r - 1) has no first-order term at r = 1 (for forward KL it is
+    r - 1 - log r >= 0), so the noise vanishes as the student approaches the teacher on its tail.
     """
     if log_p_samples is None:
         return divergence.term(log_p, log_q).sum(1)
     head = divergence.term(log_p[:, :-1], log_q[:, :-1]).sum(1)
-    per_mass = divergence.term_per_teacher_mass(log_p_samples, log_q_samples).mean(1)
-    return head + log_p[:, -1].exp() * per_mass
+    integrand = divergence.term_per_teacher_mass(log_p_samples, log_q_samples)
+    beta = divergence.control_variate_slope() if control_variate else 0.0
+    if beta:
+        integrand = integrand + beta * torch.expm1(log_q_samples - log_p_samples)
+    if sample_weights is None:
+        per_mass = integrand.mean(1)
+    else:
+        per_mass = (sample_weights * integrand).sum(1)
+    tail_p = log_p[:, -1].exp()
+    estimate = tail_p * per_mass
+    if beta:
+        estimate = estimate - beta * (log_q[:, -1].exp() - tail_p)
+    return head + estimate

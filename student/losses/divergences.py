@@ -44,6 +44,16 @@ class Divergence:
         """phi / p: the importance-sampling integrand when buckets are drawn from p."""
         return self.term(log_p, log_q) * torch.exp(-log_p)
 
+    def control_variate_slope(self) -> float:
+        """beta = -f'(1) for f(r) = phi(p, r p) / p (every divergence here is an f-divergence, so f does
+        not depend on p): the coefficient of the tail control variate r - 1 (buckets.bucket_sum).
+        Forward KL: f = -log r, beta = 1; reverse KL: f = r log r, beta = -1; TVD: 0 (f has a kink at 1)."""
+        h = 1e-5
+        log_r = torch.tensor([math.log1p(h), math.log1p(-h)], dtype=torch.float64)
+        f = self.term_per_teacher_mass(torch.zeros(2, dtype=torch.float64), log_r)
+        slope = -((f[0] - f[1]) / (2 * h)).item()
+        return 0.0 if abs(slope) < 1e-6 else slope
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
