@@ -32,6 +32,8 @@ class TeacherConfig(BaseModel):
         None, ge=1, description="tokens queued over all clients before RESOURCE_EXHAUSTED (default: 8 x batch)")
     split_requests: bool = Field(True, description="let a request's sequences run in several batches, so that "
                                                    "requests of several clients fill one batch (false: whole requests)")
+    max_new_tokens: int = Field(256, ge=0, description="most new tokens one prompt of a Generate request may ask "
+                                                       "for (0: refuse Generate)")
     max_inflight_per_client: int = Field(16, ge=1, description="requests one client may have queued or computing")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="compute dtype (auto: bfloat16 on GPU, float32 on CPU)")

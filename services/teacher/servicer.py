@@ -17,6 +17,7 @@ from atkd.proto.codec import encode_signal
 from atkd.proto.metadata import CLIENT_ID_KEY
 
 from .errors import InvalidArgument, ServiceError
+from .generation import GenerateService
 from .metrics import TeacherMetrics
 from .request import Limits, parse_request
 from .scheduler import Scheduler
@@ -33,6 +34,8 @@ def client_id(context: grpc.aio.ServicerContext) -> str:
 
 class TeacherServicer(pb_grpc.TeacherServicer):
     """Thin adapter between the wire and :class:`Scheduler`."""
+
+    generation: GenerateService | None = None  # the Generate RPC's logic, set by the replica
 
     def __init__(self, info: pb.InfoResponse, limits: Limits, scheduler: Scheduler, metrics: TeacherMetrics):
         self._info = info
@@ -55,6 +58,16 @@ class TeacherServicer(pb_grpc.TeacherServicer):
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
         try:
             return await self._score(request, client_id(context), "Score")
+        except ServiceError as error:
+            await context.abort(error.code, str(error))
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        """Continuations of the request's prompts, each sent as soon as it is finished (:mod:`.generation`)."""
+        try:
+            async for response in self.generation.stream(request, client_id(context)):
+                yield response
         except ServiceError as error:
             await context.abort(error.code, str(error))
 
