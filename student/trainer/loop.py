@@ -50,7 +50,7 @@ from atkd.student.teachers import prefetched
 from .checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .metrics import LogWindow, MetricsLog
-from .parts import build_teacher, init_distributed, load_examples, load_tokenizer
+from .parts import build_sequence_source, build_teacher, init_distributed, load_examples, load_tokenizer
 from .threads import Machine, plan_threads
 
 log = logging.getLogger(__name__)
@@ -126,6 +126,9 @@ def _train(config: TrainConfig, resume: bool | Path, stop_at: int | None, train_
 
     torch.manual_seed(config.seed)
     model = load_model(config.student, device=str(device)).train()
+    source = build_sequence_source(config, train_data, order, tokenizer, model, steps=steps, rank=rank,
+                                   client_name=f"{output_dir.name}-rank{rank}")
+    train_data = source.examples
     teacher = None if teacher_config is None else build_teacher(
         teacher_config, tokenizer, model, train_data, client_name=f"{output_dir.name}-rank{rank}")
     loss_fn = get_loss(config.loss.name, **config.loss.options)
@@ -135,6 +138,7 @@ def _train(config: TrainConfig, resume: bool | Path, stop_at: int | None, train_
     checkpoint = _resume_from(resume, output_dir)
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model, optimizer, schedule)
+        source.restore(checkpoint)
         log.info("resumed from %s at step %d", checkpoint, state.step)
         change = state.schedule_steps and schedule_change(state.step, state.schedule_steps, steps, config.optim)
         if change and is_main:
@@ -143,11 +147,11 @@ def _train(config: TrainConfig, resume: bool | Path, stop_at: int | None, train_
     metrics = MetricsLog(output_dir / METRICS_FILE, keep_until=state.step, enabled=is_main)
     trained = DistributedDataParallel(model) if world > 1 else model
 
-    def batches():  # the run's micro-batches from the data position on, and no more (prefetch stops there)
-        for micro in range(state.micro_batch, steps * config.grad_accum):
-            yield train_data.batch(order.indices(micro)), teacher_seed(config.seed, micro, world, rank)
-
-    stream = prefetched(teacher, batches(), teacher_config.prefetch) if teacher else _no_teacher(batches())
+    # the run's micro-batches from the data position on, and no more (prefetch stops there); data.source
+    # decides their responses and how far ahead they may be made (on-policy: data.source.staleness)
+    batches = source.batches(state.micro_batch, steps * config.grad_accum,
+                             lambda micro: teacher_seed(config.seed, micro, world, rank))
+    stream = prefetched(teacher, batches, source.depth) if teacher else _no_teacher(batches)
     stop = _StopRequest()
     deadline = None if config.max_time is None else started + config.max_time
     bar = tqdm(total=steps, initial=state.step, desc=config.loss.name, disable=not (config.progress and is_main),
@@ -192,8 +196,9 @@ def _train(config: TrainConfig, resume: bool | Path, stop_at: int | None, train_
             out_of_time = deadline is not None and time.monotonic() + step_s > deadline
             stopping = stop.agreed(world, device, out_of_time) or (stop_at is not None and state.step >= stop_at)
             if is_main and (last or stopping or config.save_every and state.step % config.save_every == 0):
-                save_checkpoint(output_dir, model, optimizer, schedule, state, config.keep_checkpoints,
-                                tokenizer=tokenizer, run_name=config.name)
+                saved = save_checkpoint(output_dir, model, optimizer, schedule, state, config.keep_checkpoints,
+                                        tokenizer=tokenizer, run_name=config.name)
+                source.save(saved, state.micro_batch)
             if stopping and not last:
                 why = "stop requested"
                 if out_of_time:
@@ -206,6 +211,7 @@ def _train(config: TrainConfig, resume: bool | Path, stop_at: int | None, train_
         metrics.close()
         if teacher is not None:
             teacher.close()
+        source.close()
     final_dir = output_dir / FINAL_DIR
     if is_main:
         save_model(model, final_dir, tokenizer=tokenizer, model_id=config.name)
