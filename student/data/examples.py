@@ -135,12 +135,15 @@ class InstructionData(Examples):
 def pair_window(prompt: Sequence[int], response: Sequence[int], seq_len: int, pad_id: int
                 ) -> tuple[torch.LongTensor, torch.LongTensor]:
     """``(input_ids [T], targets [T])`` of ``prompt + response`` cut to T + 1 tokens and right padded with
-    ``pad_id``; targets are -100 on the prompt's positions (they predict prompt tokens) and on the padding."""
+    ``pad_id``; targets are -100 on the prompt's positions (they predict prompt tokens) and on the padding.
+
+    A window of n <= T tokens keeps all n in ``input_ids`` (its last token is a target only, but a teacher
+    server reads each target from the next input id: :func:`~atkd.proto.alignment.join_window`)."""
     input_ids = torch.full((seq_len,), pad_id, dtype=torch.long)
     targets = torch.full((seq_len,), IGNORE_INDEX, dtype=torch.long)
     window = torch.tensor([*prompt, *response][: seq_len + 1], dtype=torch.long)
-    inputs, shifted = split_window(window)
-    input_ids[: inputs.numel()] = inputs
+    _, shifted = split_window(window)
+    input_ids[: min(window.numel(), seq_len)] = window[:seq_len]
     targets[: shifted.numel()] = shifted
     targets[: max(len(prompt) - 1, 0)] = IGNORE_INDEX  # the prompt predicts nothing
     return input_ids, targets

@@ -212,7 +212,8 @@ class SequenceSource:
 
 def build_source(source: Any, examples: Examples, order: BatchOrder, *, seed: int, grad_accum: int, steps: int,
                  student_model: torch.nn.Module, eos_id: int, teacher_generator: Callable[[], TeacherGenerator],
-                 prefetch: int, samples_log: Path | None = None, generated: Callable[[Path], Examples]) -> SequenceSource:
+                 prefetch: int, generated: Callable[[Path], Examples],
+                 samples_log: Path | None = None) -> SequenceSource:
     """The :class:`SequenceSource` of the config section ``source`` (``data.source``).
 
     ``teacher_generator()`` connects to the teacher for online generation; ``generated(directory)`` loads

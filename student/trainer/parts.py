@@ -63,8 +63,9 @@ def teacher_client(config: TeacherSourceConfig, tokenizer: PreTrainedTokenizerBa
     return client
 
 
-def build_sequence_source(config: TrainConfig, examples: Examples, order: BatchOrder, tokenizer: PreTrainedTokenizerBase,
-                          student: PreTrainedModel, *, steps: int, rank: int, client_name: str = "") -> SequenceSource:
+def build_sequence_source(config: TrainConfig, examples: Examples, order: BatchOrder,
+                          tokenizer: PreTrainedTokenizerBase, student: PreTrainedModel, *, steps: int, rank: int,
+                          client_name: str = "") -> SequenceSource:
     """The run's micro-batches from ``config.data.source`` (:mod:`atkd.student.data.sources`); its
     ``examples`` are the training examples the run uses (offline teacher generations replace the responses)."""
     vocab_size = student.config.vocab_size
