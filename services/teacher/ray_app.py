@@ -133,7 +133,9 @@ class TeacherReplica:
             async for response in self.replica.servicer.Generate(request, context):
                 yield response
         except _Aborted:
-            return
+            # Serve's proxy copies a server-streaming call's status from the context of a yielded message
+            # only: one empty response carries it (the client then sees the error status).
+            yield pb.GenerateResponse()
 
     def stats(self) -> dict[str, Any]:
         """This replica's id, process and Score requests answered by status code (from its metrics)."""
