@@ -94,7 +94,8 @@ def test_seqkd_generations_repeat_with_their_seed_and_resume_to_the_same_file(tm
     record = json.loads(lines[5])
     prompt = int(dataset.prompt_lengths[5])
     response = record["response_ids"][: SEQ_LEN + 1 - prompt]
-    assert generated.targets[5].tolist() == [-100] * (prompt - 1) + response + [-100] * (SEQ_LEN + 1 - prompt - len(response))
+    padding = SEQ_LEN + 1 - prompt - len(response)
+    assert generated.targets[5].tolist() == [-100] * (prompt - 1) + response + [-100] * padding
     assert generated.input_ids[5, :prompt].tolist() == dataset.input_ids[5, :prompt].tolist()
     assert train(offline).state.step == 1
 
