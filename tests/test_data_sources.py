@@ -170,3 +170,19 @@ def test_mix_draws_the_student_share_of_its_schedule(tmp_path, task, tiny_model_
 def test_source_config_errors_name_the_field(tmp_path, task, tiny_model_factory, flags, message):
     with pytest.raises(ValueError, match=message):
         config_of(tmp_path, task, tiny_model_factory("gpt2"), "127.0.0.1:1", **flags)
+
+
+def test_every_worked_config_of_the_docs_is_valid():
+    """Each YAML block of docs/data-sources.md is a valid config (blocks without a student: on the first's)."""
+    import re
+
+    import yaml
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "data-sources.md").read_text()
+    blocks = [yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", text, re.S)]
+    base = blocks[0]
+    assert len(blocks) == 6
+    for block in blocks:
+        values = {**base, **block}
+        config = load_config(None, [item for key, value in values.items() for item in (f"--{key}", json.dumps(value))])
+        assert config.data.source.name in ("dataset", "teacher", "student", "mix")
