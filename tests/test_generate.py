@@ -50,6 +50,8 @@ def test_greedy_generation_with_the_cache_matches_plain_decoding(serve_teacher, 
     responses = call(server.address, generate_request(greedy=True))
     assert sorted(r.index for r in responses) == [0, 1, 2]
     assert all(r.id == "g" and r.finish_reason == pb.FINISH_REASON_LENGTH for r in responses)
+    assert all(r.timing.queue_ms >= 0 and r.timing.compute_ms > 0 and r.timing.batch_tokens == 18 + 3 * 12
+               for r in responses)
     for prompt, tokens in zip(PROMPTS, by_prompt(responses), strict=True):
         assert tokens == greedy_reference(tiny_model_dir, prompt, 12)
 

@@ -27,13 +27,15 @@ from .request import Limits
 class GenerateJob:
     """P prompts to continue with ``options``; ``seed``: prompt i's generator seed is ``seed + i`` (None:
     random). ``on_finished`` is called on the engine's worker thread with each finished
-    :class:`~atkd.proto.sampling.Continuation`; setting ``cancelled`` stops the decoding after its step."""
+    :class:`~atkd.proto.sampling.Continuation`; setting ``cancelled`` stops the decoding after its step;
+    ``started`` receives the ``time.monotonic()`` at which its decoding began."""
 
     prompts: tuple[tuple[int, ...], ...]
     options: SamplingOptions
     seed: int | None
     on_finished: Callable[[Continuation], None] | None = field(default=None, repr=False)
     cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
+    started: list[float] = field(default_factory=list, repr=False)
 
     @property
     def tokens(self) -> int:

@@ -72,8 +72,9 @@ class Generator:
                   for index in range(len(job.prompts))]
         generators = [generator for job in jobs for generator in row_generators(job.seed, len(job.prompts), device)]
         prompts = [prompt for job in jobs for prompt in job.prompts]
-        for number in numbers:
+        for number, job in zip(numbers, jobs, strict=True):
             results[number] = []
+            job.started.append(time.monotonic())
 
         def finished(continuation: Continuation) -> None:
             number, job, index = owners[continuation.index]
@@ -122,18 +123,15 @@ class GenerateService:
         """One response per prompt as it finishes; a :class:`ServiceError` (bad request, limits, deadline,
         closing, engine failure) is raised before or between responses."""
         loop = asyncio.get_running_loop()
-        arrived = loop.time()
+        arrived = time.monotonic()
         try:
             job = parse_generate(request, self.limits, self.max_new_tokens, self.eos_ids)
         except ServiceError as error:
             self._count(error.code)
             raise
         finished: asyncio.Queue = asyncio.Queue()
-        started: list[float] = []
 
         def on_finished(continuation: Continuation) -> None:  # on the engine's worker thread
-            if not started:
-                started.append(time.monotonic())
             loop.call_soon_threadsafe(finished.put_nowait, (continuation, time.monotonic()))
 
         job = dataclasses.replace(job, on_finished=on_finished)
@@ -158,9 +156,8 @@ class GenerateService:
                 yield pb.GenerateResponse(
                     id=request.id, index=continuation.index, token_ids=continuation.token_ids,
                     finish_reason=FINISH[continuation.stopped],
-                    timing=pb.Timing(queue_ms=(started[0] - arrived) * 1e3 if started else 0.0,
-                                     compute_ms=(at - (started[0] if started else arrived)) * 1e3,
-                                     batch_tokens=job.tokens),
+                    timing=pb.Timing(queue_ms=(job.started[0] - arrived) * 1e3,
+                                     compute_ms=(at - job.started[0]) * 1e3, batch_tokens=job.tokens),
                 )  # fmt: skip
             self._count(grpc.StatusCode.OK)
         finally:
