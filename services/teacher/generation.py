@@ -11,8 +11,9 @@ Path of a ``Generate`` call (the same as Score's, :mod:`.replica`)::
 Reproducibility: a seeded job is decoded as a batch of its own (its P prompts), so its tokens depend on the
 request only, never on which other requests share the scheduler's batch (batching other rows in would change
 the padding and the matmul shapes, and so the low bits of the logits). Unseeded jobs with the same sampling
-options are decoded together, for throughput. A job counts its whole budget in the scheduler's batch while it
-decodes, so Score batches never wait for more than one batch of generation.
+options are decoded together, for throughput. A job counts its whole budget (prompts + new tokens) in the
+scheduler's batch, so a batch holds at most ``max_batch_tokens`` of generation; Score jobs that share a batch
+with generation are computed first but answered when the batch ends (the scheduler answers per batch).
 """
 
 from __future__ import annotations
