@@ -3,7 +3,8 @@
 Each optimizer step, in order:
 
 1. for each of ``grad_accum`` micro-batches: take micro-batch m (examples from the seeded
-   :class:`~atkd.student.data.examples.BatchOrder`) with its teacher signal, which was requested
+   :class:`~atkd.student.data.examples.BatchOrder`, their responses from ``data.source``:
+   :mod:`atkd.student.data.sources`) with its teacher signal, which was requested
    ``teacher.prefetch`` batches earlier; student forward (bf16 autocast if asked); loss / grad_accum;
    backward (under DDP the gradients are all-reduced on the last micro-batch only);
 2. clip the global gradient norm; AdamW step; LR schedule step (warmup, then cosine);
