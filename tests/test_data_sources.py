@@ -186,3 +186,37 @@ def test_every_worked_config_of_the_docs_is_valid():
         values = {**base, **block}
         config = load_config(None, [item for key, value in values.items() for item in (f"--{key}", json.dumps(value))])
         assert config.data.source.name in ("dataset", "teacher", "student", "mix")
+
+
+@pytest.mark.slow
+def test_two_rank_on_policy_run_samples_what_one_process_with_accumulation_samples(tmp_path, task,
+                                                                                   tiny_model_factory, serve_teacher):
+    """Seeds from the global micro-batch number: 2 ranks x 4 examples sample, for every prompt, the response that
+    1 process x 4 examples x 2 accumulation steps samples (the same weights within a step), and train alike."""
+    import subprocess
+    import sys
+
+    server = serve_teacher()
+    student = tiny_model_factory("gpt2")
+    options = {"data.source.name": "student", "data.source.log_samples": True, "data.source.max_new_tokens": 12,
+               "max_steps": 3, "threads": 1}
+    single = train(config_of(tmp_path, task, student, server.address, name="single", grad_accum=2, **options))
+    config = config_of(tmp_path, task, student, server.address, name="ddp", **options)
+    config_file = tmp_path / "ddp.json"
+    config_file.write_text(config.model_dump_json())
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+         "atkd.student.trainer.cli", "train", "--config", str(config_file)],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    def samples(paths) -> dict[int, list[int]]:
+        records = [json.loads(line) for path in paths for line in path.read_text().splitlines()]
+        return {record["example"]: record["response_ids"] for record in records}
+
+    one = samples([tmp_path / "single" / "samples-rank0.jsonl"])
+    two = samples([tmp_path / "ddp" / "samples-rank0.jsonl", tmp_path / "ddp" / "samples-rank1.jsonl"])
+    assert len(one) >= 16 and one == two
+    expected = final_weights(single)
+    actual = final_weights(type("R", (), {"final_dir": tmp_path / "ddp" / "final"}))
+    assert max((expected[name] - actual[name]).abs().max().item() for name in expected) < 1e-4
