@@ -133,7 +133,6 @@ def test_mix_with_lambda_zero_equals_the_dataset_run(tmp_path, task, tiny_model_
     assert not (tmp_path / "mix" / "samples-rank0.jsonl").read_text()  # nothing was sampled
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("staleness", [0, 1])
 def test_resume_under_on_policy_sampling_gives_bit_identical_weights(tmp_path, task, tiny_model_factory,
                                                                       serve_teacher, staleness):
