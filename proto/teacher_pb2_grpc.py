@@ -49,6 +49,11 @@ class TeacherStub:
                 request_serializer=atkd_dot_proto_dot_teacher__pb2.ScoreRequest.SerializeToString,
                 response_deserializer=atkd_dot_proto_dot_teacher__pb2.ScoreResponse.FromString,
                 _registered_method=True)
+        self.Generate = channel.unary_stream(
+                '/atkd.teacher.v1.Teacher/Generate',
+                request_serializer=atkd_dot_proto_dot_teacher__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=atkd_dot_proto_dot_teacher__pb2.GenerateResponse.FromString,
+                _registered_method=True)
 
 
 class TeacherServicer:
@@ -78,6 +83,16 @@ class TeacherServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Generate(self, request, context):
+        """Sample continuations of many prompts at once (one batch, the model's KV cache). One response per
+        prompt, sent as soon as that prompt's continuation is finished (in finishing order, not prompt
+        order; `index` says which). A bad request fails the call with INVALID_ARGUMENT before anything
+        is generated; queue or per-client limits with RESOURCE_EXHAUSTED, as Score.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TeacherServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +110,11 @@ def add_TeacherServicer_to_server(servicer, server):
                     servicer.ScoreStream,
                     request_deserializer=atkd_dot_proto_dot_teacher__pb2.ScoreRequest.FromString,
                     response_serializer=atkd_dot_proto_dot_teacher__pb2.ScoreResponse.SerializeToString,
+            ),
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=atkd_dot_proto_dot_teacher__pb2.GenerateRequest.FromString,
+                    response_serializer=atkd_dot_proto_dot_teacher__pb2.GenerateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +198,33 @@ class Teacher:
             '/atkd.teacher.v1.Teacher/ScoreStream',
             atkd_dot_proto_dot_teacher__pb2.ScoreRequest.SerializeToString,
             atkd_dot_proto_dot_teacher__pb2.ScoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/atkd.teacher.v1.Teacher/Generate',
+            atkd_dot_proto_dot_teacher__pb2.GenerateRequest.SerializeToString,
+            atkd_dot_proto_dot_teacher__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,7 +47,8 @@ def test_instruction_targets_cover_the_response_only(tiny_tokenizer, tmp_path):
     # exactly the response tokens and the eos are targets, each predicted from the token before it
     assert row_targets[learnt].tolist() == response + [tiny_tokenizer.eos_token_id]
     assert learnt.nonzero().flatten().tolist() == list(range(len(prompt) - 1, len(full) - 1))
-    assert (row_ids[len(full) - 1 :] == tiny_tokenizer.pad_token_id).all()
+    assert row_ids[len(full) - 1] == tiny_tokenizer.eos_token_id  # the last target is an input too (join_window)
+    assert (row_ids[len(full) :] == tiny_tokenizer.pad_token_id).all()
 
     path = tmp_path / "data.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in records[1:]) + "\n")

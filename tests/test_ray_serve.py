@@ -188,3 +188,23 @@ def test_bearer_token_is_checked_in_the_replica(ray_teacher, tiny_model_dir, tmp
             assert client.score([[1, 2, 3]], top_k=2).topk_ids.shape == (1, 3, 2)
     finally:
         serve.delete("with-auth")
+
+
+def test_generate_through_serve_streams_the_plain_servers_tokens(ray_teacher, serve_teacher):
+    """Generate is served by the replica's method of that name: a seeded request gives the plain server's tokens,
+    and a bad one the plain server's INVALID_ARGUMENT."""
+    from atkd.proto import teacher_pb2 as pb
+
+    plain = serve_teacher()
+    request = pb.GenerateRequest(id="g", prompt_ids=SEQUENCES[0][:6] + SEQUENCES[1][:4], prompt_lengths=[6, 4],
+                                 max_new_tokens=8, temperature=1.3, seed=11, ignore_stop=True)
+    stub, metadata = ray_teacher.stub()
+    through_serve = sorted(stub.Generate(request, metadata=metadata, timeout=60), key=lambda r: r.index)
+    with grpc.insecure_channel(plain.address) as channel:
+        direct = sorted(pb_grpc.TeacherStub(channel).Generate(request, timeout=60), key=lambda r: r.index)
+    assert [list(r.token_ids) for r in through_serve] == [list(r.token_ids) for r in direct]
+    assert [len(r.token_ids) for r in direct] == [8, 8]
+    request.top_p = 2.0
+    with pytest.raises(grpc.RpcError) as raised:
+        list(stub.Generate(request, metadata=metadata, timeout=60))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "top_p" in raised.value.details()

@@ -363,7 +363,7 @@ def test_reflection_lists_and_describes_the_services(shared):
     database = ProtoReflectionDescriptorDatabase(grpc.insecure_channel(shared.address))
     assert {"atkd.teacher.v1.Teacher", "grpc.health.v1.Health"} <= set(database.get_services())
     service = DescriptorPool(database).FindServiceByName("atkd.teacher.v1.Teacher")
-    assert [method.name for method in service.methods] == ["Info", "Score", "ScoreStream"]
+    assert [method.name for method in service.methods] == ["Info", "Score", "ScoreStream", "Generate"]
 
 
 def test_message_size_limits_follow_the_config(serve_teacher):

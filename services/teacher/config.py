@@ -47,6 +47,8 @@ class TeacherConfig(BaseModel):
         None, ge=1, description="tokens queued over all clients before RESOURCE_EXHAUSTED (default: 8 x batch)")
     split_requests: bool = Field(True, description="let a request's sequences run in several batches, so that "
                                                    "requests of several clients fill one batch (false: whole requests)")
+    max_new_tokens: int = Field(256, ge=0, description="most new tokens one prompt of a Generate request may ask "
+                                                       "for (0: refuse Generate)")
     max_inflight_per_client: int = Field(16, ge=1, description="requests one client may have queued, computing or "
                                                                "waiting to be sent")
     max_client_queue_share: float = Field(0.5, gt=0, le=1, description="fraction of the queue's tokens one client "

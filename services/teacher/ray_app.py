@@ -6,7 +6,8 @@ num_gpus`` gives it), the cross-client :class:`~atkd.services.teacher.scheduler.
 :class:`~atkd.services.teacher.servicer.TeacherServicer`. Serve's gRPC proxy, started with
 ``atkd.proto.teacher_pb2_grpc.add_TeacherServicer_to_server``, accepts ``atkd.teacher.v1.Teacher`` calls, picks
 the application from the ``application`` metadata (``TeacherClient(..., application=...)``) and a replica
-by Serve's router, and calls the replica's method of the RPC's name (``Info``, ``Score``, ``ScoreStream``)
+by Serve's router, and calls the replica's method of the RPC's name (``Info``, ``Score``, ``ScoreStream``,
+``Generate``)
 with the request message. Status codes: the servicer's errors (INVALID_ARGUMENT, RESOURCE_EXHAUSTED,
 DEADLINE_EXCEEDED, UNAVAILABLE) are set on Serve's ``grpc_context``, which the proxy copies onto the
 client's call, so a caller sees the same code and message as from the plain server.
@@ -123,6 +124,18 @@ class TeacherReplica:
             return
         async for response in self.replica.servicer.ScoreStream(requests, context):
             yield response
+
+    async def Generate(self, request: pb.GenerateRequest,
+                       grpc_context: RayServegRPCContext | None = None) -> AsyncIterator[pb.GenerateResponse]:
+        context = _ServeContext(grpc_context)
+        try:
+            await self._authenticate(context)
+            async for response in self.replica.servicer.Generate(request, context):
+                yield response
+        except _Aborted:
+            # Serve's proxy copies a server-streaming call's status from the context of a yielded message
+            # only: one empty response carries it (the client then sees the error status).
+            yield pb.GenerateResponse()
 
     def stats(self) -> dict[str, Any]:
         """This replica's id, process and Score requests answered by status code (from its metrics)."""

@@ -6,6 +6,8 @@ request's path is the same on both::
 
     transport -> auth policy -> TeacherServicer (parse, submit) -> Scheduler (fair queue, batch)
               -> TeacherEngine (forward + compress, worker thread) -> TeacherServicer (encode) -> transport
+
+Generate takes the same path, its jobs queued and batched with Score's (:mod:`.generation`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from .config import TeacherConfig
 from .engine import TeacherEngine
 from .errors import ConfigError
 from .faults import with_injected_delay
+from .generation import GenerateService, Generator, eos_token_ids, with_generation
 from .metrics import TeacherMetrics
 from .request import Limits
 from .scheduler import Scheduler
@@ -49,15 +52,19 @@ class Replica:
             max_batch_tokens=config.max_batch_tokens, max_top_k=config.top_k_max,
             max_tail_samples=config.max_tail_samples, codecs=list(CODECS.values()),
             dtype=str(engine.dtype).removeprefix("torch."), device=str(engine.device),
+            max_new_tokens=config.max_new_tokens, eos_token_ids=eos_token_ids(engine.model),
         )  # fmt: skip
         self.scheduler = Scheduler(
-            with_injected_delay(engine.score), self.metrics, max_batch_tokens=config.max_batch_tokens,
+            with_injected_delay(with_generation(engine.score, Generator(engine))), self.metrics,
+            max_batch_tokens=config.max_batch_tokens,
             max_wait_s=config.max_wait_ms / 1000, max_queue_tokens=config.queue_tokens,
             max_inflight_per_client=config.max_inflight_per_client, split_requests=config.split_requests,
             max_client_queue_tokens=config.client_queue_tokens,
         )  # fmt: skip
         self.servicer = TeacherServicer(self.info, self.limits, self.scheduler, self.metrics, self.auth,
                                         stream_window=config.max_inflight_per_client)
+        self.servicer.generation = GenerateService(self.limits, self.scheduler, self.metrics, config.max_new_tokens,
+                                                   tuple(self.info.eos_token_ids))
 
     @classmethod
     async def load(cls, config: TeacherConfig, metrics: TeacherMetrics | None = None,

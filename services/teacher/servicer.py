@@ -33,6 +33,7 @@ from atkd.proto.signal import TeacherSignal
 
 from .auth import BearerToken, client_identity
 from .errors import InvalidArgument, ServiceError
+from .generation import GenerateService
 from .log_limit import RateLimitedLog
 from .metrics import TeacherMetrics, client_label
 from .request import Limits, parse_request
@@ -82,6 +83,8 @@ def _nothing() -> None:
 class TeacherServicer(pb_grpc.TeacherServicer):
     """Thin adapter between the wire and :class:`Scheduler`."""
 
+    generation: GenerateService | None = None  # the Generate RPC's logic, set by the replica
+
     def __init__(self, info: pb.InfoResponse, limits: Limits, scheduler: Scheduler, metrics: TeacherMetrics,
                  auth: BearerToken | None = None, stream_window: int = 16):
         self._info = info
@@ -116,6 +119,16 @@ class TeacherServicer(pb_grpc.TeacherServicer):
         except ServiceError as error:
             await context.abort(error.code, str(error))
         return response
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        """Continuations of the request's prompts, each sent as soon as it is finished (:mod:`.generation`)."""
+        try:
+            async for response in self.generation.stream(request, self.client(context)[0]):
+                yield response
+        except ServiceError as error:
+            await context.abort(error.code, str(error))
 
     async def ScoreStream(
         self, requests: AsyncIterator[pb.ScoreRequest], context: grpc.aio.ServicerContext

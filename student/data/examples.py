@@ -108,15 +108,14 @@ class InstructionData(Examples):
             self.responses.append(record[response_field])
         prompts = tokenizer(self.prompts, add_special_tokens=False)["input_ids"]
         responses = tokenizer(self.responses, add_special_tokens=False)["input_ids"]
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.input_ids = torch.full((len(records), seq_len), pad, dtype=torch.long)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.eos_id = tokenizer.eos_token_id
+        self.input_ids = torch.full((len(records), seq_len), self.pad_id, dtype=torch.long)
         self.targets = torch.full((len(records), seq_len), IGNORE_INDEX, dtype=torch.long)
+        #: tokens of each example's prompt within its window (at most seq_len + 1)
+        self.prompt_lengths = torch.tensor([min(len(prompt), seq_len + 1) for prompt in prompts], dtype=torch.long)
         for row, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
-            window = torch.tensor([*prompt, *response, tokenizer.eos_token_id][: seq_len + 1])
-            input_ids, targets = split_window(window)
-            self.input_ids[row, : input_ids.numel()] = input_ids
-            self.targets[row, : targets.numel()] = targets
-            self.targets[row, : max(len(prompt) - 1, 0)] = IGNORE_INDEX  # the prompt predicts nothing
+            self.input_ids[row], self.targets[row] = pair_window(prompt, [*response, self.eos_id], seq_len, self.pad_id)
 
     @classmethod
     def from_jsonl(cls, paths: Path | Sequence[Path], tokenizer: PreTrainedTokenizerBase, seq_len: int,
@@ -131,6 +130,23 @@ class InstructionData(Examples):
                     except json.JSONDecodeError as error:
                         raise ValueError(f"{path}:{number}: not a JSON object ({error.msg})") from None
         return cls(records, tokenizer, seq_len, **fields)
+
+
+def pair_window(prompt: Sequence[int], response: Sequence[int], seq_len: int, pad_id: int
+                ) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """``(input_ids [T], targets [T])`` of ``prompt + response`` cut to T + 1 tokens and right padded with
+    ``pad_id``; targets are -100 on the prompt's positions (they predict prompt tokens) and on the padding.
+
+    A window of n <= T tokens keeps all n in ``input_ids`` (its last token is a target only, but a teacher
+    server reads each target from the next input id: :func:`~atkd.proto.alignment.join_window`)."""
+    input_ids = torch.full((seq_len,), pad_id, dtype=torch.long)
+    targets = torch.full((seq_len,), IGNORE_INDEX, dtype=torch.long)
+    window = torch.tensor([*prompt, *response][: seq_len + 1], dtype=torch.long)
+    _, shifted = split_window(window)
+    input_ids[: min(window.numel(), seq_len)] = window[:seq_len]
+    targets[: shifted.numel()] = shifted
+    targets[: max(len(prompt) - 1, 0)] = IGNORE_INDEX  # the prompt predicts nothing
+    return input_ids, targets
 
 
 def text_files(paths: Sequence[Path]) -> list[Path]:

@@ -47,3 +47,16 @@ def write_jsonl(records: Iterable[dict], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(record) + "\n" for record in records))
     return path
+
+
+def instruction_task(directory: Path, max_chars: int = 80, eval_every: int = 10) -> dict[str, Path]:
+    """The default instruction task of the demo and the tests: the dialogue of the shipped excerpt as prompts
+    with their real replies (:func:`dialogue_pairs`), every ``eval_every``-th pair held out. Every data source
+    runs on it: the dataset's responses are real, and the prompts are there for teacher and student to answer.
+    Returns ``{"train": path, "eval": path}`` of the two JSONL files written to ``directory``."""
+    from .corpus import EXCERPT_PATH
+
+    records = dialogue_pairs(EXCERPT_PATH.read_text(encoding="utf-8"), max_chars=max_chars)
+    directory = Path(directory)
+    return {"train": write_jsonl([r for i, r in enumerate(records) if i % eval_every], directory / "train.jsonl"),
+            "eval": write_jsonl(records[::eval_every], directory / "eval.jsonl")}

@@ -4,6 +4,7 @@
     atkd-student train --config run.yaml [--resume [CHECKPOINT]] [--dotted.key value ...]
     atkd-student eval --config run.yaml [--model DIR] [--split eval|train] [--dotted.key value ...]
     atkd-student export-cache --config run.yaml --out DIR [--shard-size 1024] [--dotted.key value ...]
+    atkd-student generate --config run.yaml --out DIR [--block-size 64] [--greedy] [--dotted.key value ...]
 
 Every field of :class:`~atkd.student.trainer.config.TrainConfig` can be set in the YAML file and overridden
 with ``--section.field value`` (see :mod:`atkd.student.trainer.config`; ``--teacher null`` unsets a section).
@@ -24,12 +25,22 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+from tqdm.auto import tqdm
+from transformers import AutoConfig
 from transformers.utils import logging as hf_logging
 
 from atkd.proto.device import resolve_device
 from atkd.proto.fingerprint import TeacherMismatchError, tokenizer_fingerprint
 from atkd.student import initialise
 from atkd.student.client import TeacherError, TeacherRevisionError
+from atkd.student.client.generate import TeacherGenerator
+from atkd.student.data.generated import (
+    GenerationManifest,
+    GenerationMismatchError,
+    prompt_ids,
+    prompts_fingerprint,
+    write_generations,
+)
 from atkd.student.evaluation import evaluation_report
 from atkd.student.models import load_model
 from atkd.student.teachers import CacheManifest, CacheMismatchError, export_signals
@@ -37,7 +48,7 @@ from atkd.student.teachers import CacheManifest, CacheMismatchError, export_sign
 from . import report
 from .config import TrainConfig, describe_fields, load_config
 from .loop import FINAL_DIR, train
-from .parts import build_teacher, load_examples, load_tokenizer, teacher_identity
+from .parts import build_teacher, load_examples, load_tokenizer, teacher_client, teacher_identity
 
 log = logging.getLogger("atkd-student")
 
@@ -68,8 +79,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                                  epilog=epilog, formatter_class=fields)
     export.add_argument("--out", type=Path, required=True, help="cache directory to write")
     export.add_argument("--shard-size", type=int, default=1024, help="examples per shard file")
+    generate = commands.add_parser("generate", help="the teacher's responses to the training prompts (SeqKD data, "
+                                   "data.source.generations), through the Generate RPC; resumable",
+                                   epilog=epilog, formatter_class=fields)
+    generate.add_argument("--out", type=Path, required=True, help="directory of generations.jsonl and manifest.json")
+    generate.add_argument("--block-size", type=int, default=64, help="prompts written together (the unit of resume)")
+    generate.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
     report.add_parser(commands)
-    for command in (run, evaluate_cmd, export):
+    for command in (run, evaluate_cmd, export, generate):
         command.add_argument("--config", type=Path, help="YAML file of the TrainConfig")
     args, overrides = parser.parse_known_args(argv)
     if args.command == "report":
@@ -99,10 +116,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         elif args.command == "eval":
             print(json.dumps(run_eval(config, args.model, args.max_new_tokens, args.max_examples, split=args.split,
                                       generations=args.generations)))
+        elif args.command == "generate":
+            made = generate_responses(config, args.out, block_size=args.block_size, greedy=args.greedy)
+            print(json.dumps({"generations": str(args.out), "prompts": made.num_prompts}))
         else:
             manifest = export_cache(config, args.out, args.shard_size)
             print(json.dumps({"cache": str(args.out), "examples": manifest.num_examples}))
-    except (TeacherMismatchError, CacheMismatchError, TeacherRevisionError) as error:
+    except (TeacherMismatchError, CacheMismatchError, TeacherRevisionError,
+            GenerationMismatchError) as error:
         parser.exit(3, f"atkd-student: {error}{_resume_hint(error)}\n")
     except TeacherError as error:
         parser.exit(4, f"atkd-student: teacher failed: {error}{_resume_hint(error)}\n")
@@ -160,6 +181,43 @@ def export_cache(config: TrainConfig, out_dir: Path, shard_size: int) -> CacheMa
                               prefetch=teacher_config.prefetch, seed=config.seed, progress=config.progress)
     finally:
         teacher.close()
+
+
+def generate_responses(config: TrainConfig, out_dir: Path, *, block_size: int = 64,
+                       greedy: bool = False) -> GenerationManifest:
+    """The teacher's response to every training prompt, written to ``out_dir`` (:mod:`atkd.student.data.generated`):
+    sampled with ``data.source``'s options (``max_new_tokens``, default ``data.seq_len``; temperature, top_p,
+    top_k) and seed ``seed + i`` for prompt i, through the Generate RPC of the remote teacher section."""
+    if config.teacher is None or config.teacher.mode != "remote":
+        raise ValueError("generate needs teacher.mode remote (the teacher's Generate RPC)")
+    if config.data.kind != "instruction":
+        raise ValueError("generate needs instruction data (data.kind: instruction): prompts to answer")
+    tokenizer = load_tokenizer(config.tokenizer or config.student)
+    examples = load_examples(config.data, tokenizer, "train")
+    vocab_size = AutoConfig.from_pretrained(config.student, local_files_only=True).vocab_size
+    client = teacher_client(config.teacher, tokenizer, vocab_size, "atkd-student-generate")
+    source, info = config.data.source, client.info()
+    prompts = prompt_ids(examples)
+    manifest = GenerationManifest(
+        teacher_model_id=info.model_id, teacher_revision=info.model_revision,
+        tokenizer_hash=tokenizer_fingerprint(tokenizer), vocab_size=vocab_size,
+        prompts_fingerprint=prompts_fingerprint(prompts), num_prompts=len(prompts),
+        max_new_tokens=source.max_new_tokens or examples.seq_len, temperature=source.temperature, top_p=source.top_p,
+        top_k=source.top_k, greedy=greedy, seed=config.seed, block_size=block_size,
+    )  # fmt: skip
+    generator = TeacherGenerator(client)
+
+    def generate(block, seed):
+        return generator.generate(block, max_new_tokens=manifest.max_new_tokens, temperature=source.temperature,
+                                  top_p=source.top_p, top_k=source.top_k, greedy=greedy,
+                                  stop_token_ids=[tokenizer.eos_token_id], seed=seed)
+
+    try:
+        with tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not config.progress) as bar:
+            return write_generations(out_dir, manifest, prompts, examples.prompts, generate, tokenizer.decode,
+                                     progress=bar.update)
+    finally:
+        client.close()
 
 
 if __name__ == "__main__":

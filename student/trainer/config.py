@@ -27,6 +27,30 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class SourceConfig(Section):
+    """``data.source``: where each micro-batch's responses come from (:mod:`atkd.student.data.sources`)."""
+
+    name: Literal["dataset", "teacher", "student", "mix"] = Field(
+        "dataset", description="dataset responses; teacher generations (SeqKD); student samples (on-policy); mix")
+    generations: Path | None = Field(None, description="teacher / mix_with teacher: directory written by `atkd-student "
+                                                       "generate` (offline); unset: generated online")
+    lmbda: float = Field(0.5, ge=0, le=1, description="mix: probability that an example is the student's sample "
+                                                      "(GKD's lmbda; with lmbda_start: the final value)")
+    lmbda_start: float | None = Field(None, ge=0, le=1, description="mix: ImitKD's annealing, linear from this "
+                                                                    "value at step 0 to lmbda at anneal_steps")
+    anneal_steps: int = Field(0, ge=0, description="mix: steps of the annealing (0: the whole run)")
+    mix_with: Literal["dataset", "teacher"] = Field("dataset", description="mix: the response of the examples that "
+                                                                           "are not the student's")
+    max_new_tokens: int | None = Field(None, ge=1, description="new tokens per sampled response (default: up to "
+                                                               "seq_len)")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature (student and teacher samples)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass (1: off)")
+    top_k: int = Field(0, ge=0, description="top-k sampling cut (0: off)")
+    staleness: int = Field(0, ge=0, description="student / mix: micro-batches sampled ahead with older weights, so "
+                                                "that the teacher scores them while the student trains (0: exact)")
+    log_samples: bool = Field(False, description="write every sampled response to output_dir/samples-rank<r>.jsonl")
+
+
 class DataConfig(Section):
     kind: Literal["text", "instruction"] = Field("text", description="packed plain text, or prompt/response JSONL")
     train: list[Path] = Field([], description="text: .txt files or directories of them; instruction: .jsonl files")
@@ -35,6 +59,14 @@ class DataConfig(Section):
     prompt_field: str = Field("prompt", description="instruction data: key of the prompt")
     response_field: str = Field("response", description="instruction data: key of the response")
     eval_batches: int | None = Field(50, ge=1, description="batches of held-out data per evaluation (None: all)")
+    source: SourceConfig = SourceConfig()
+
+    @model_validator(mode="after")
+    def _source_needs_prompts(self) -> DataConfig:
+        if self.source.name != "dataset" and self.kind != "instruction":
+            raise ValueError(f"data.source.name={self.source.name!r} needs data.kind: instruction (prompts to "
+                             "sample responses to)")
+        return self
 
     @field_validator("train", "eval", mode="before")
     @classmethod
@@ -145,6 +177,15 @@ class TrainConfig(Section):
             raise ValueError("set max_steps or epochs")
         if self.teacher is None and self.loss.name not in NO_TEACHER:
             raise ValueError(f"loss {self.loss.name!r} needs a teacher section")
+        source = self.data.source
+        online = source.generations is None and (
+            source.name == "teacher" or (source.name == "mix" and source.mix_with == "teacher"))
+        if online and (self.teacher is None or self.teacher.mode != "remote"):
+            raise ValueError("data.source: online teacher generations need teacher.mode remote (the Generate RPC), "
+                             "or data.source.generations from `atkd-student generate`")
+        if source.name != "dataset" and self.used_teacher is not None and self.teacher.mode == "cache":
+            raise ValueError(f"data.source.name={source.name!r} trains on other sequences than the dataset's: a "
+                             "signal cache (teacher.mode cache) cannot score them")
         return self
 
     @property

@@ -3,7 +3,8 @@
 Each optimizer step, in order:
 
 1. for each of ``grad_accum`` micro-batches: take micro-batch m (examples from the seeded
-   :class:`~atkd.student.data.examples.BatchOrder`) with its teacher signal, which was requested
+   :class:`~atkd.student.data.examples.BatchOrder`, their responses from ``data.source``:
+   :mod:`atkd.student.data.sources`) with its teacher signal, which was requested
    ``teacher.prefetch`` batches earlier; student forward (bf16 autocast if asked); loss / grad_accum;
    backward (under DDP the gradients are all-reduced on the last micro-batch only, under FSDP2
    reduce-scattered); with ``fused_head`` (the default, where the model allows it,
@@ -64,7 +65,7 @@ from .config import TrainConfig
 from .fsdp import full_state_dict, local_value, shard
 from .head import deferred_head, fused_head_unsupported
 from .metrics import LogWindow, MetricsLog
-from .parts import build_teacher, init_distributed, load_examples, load_tokenizer
+from .parts import build_sequence_source, build_teacher, init_distributed, load_examples, load_tokenizer
 from .threads import Machine, plan_threads
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,9 @@ def _train(config: TrainConfig, resume: bool | Path, stop_at: int | None, train_
 
     torch.manual_seed(config.seed)
     model = load_model(config.student, device=str(device)).train()
+    source = build_sequence_source(config, train_data, order, tokenizer, model, steps=steps, rank=rank,
+                                   client_name=f"{output_dir.name}-rank{rank}")
+    train_data = source.examples
     teacher = None if teacher_config is None else build_teacher(
         teacher_config, tokenizer, model, train_data, client_name=f"{output_dir.name}-rank{rank}")
     loss_fn = get_loss(config.loss.name, **config.loss.options)
@@ -153,6 +157,7 @@ def _train(config: TrainConfig, resume: bool | Path, stop_at: int | None, train_
     checkpoint = _resume_from(resume, output_dir)
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model, optimizer, schedule)
+        source.restore(checkpoint)
         log.info("resumed from %s at step %d", checkpoint, state.step)
         change = state.schedule_steps and schedule_change(state.step, state.schedule_steps, steps, config.optim)
         if change and is_main:
@@ -161,11 +166,11 @@ def _train(config: TrainConfig, resume: bool | Path, stop_at: int | None, train_
     metrics = MetricsLog(output_dir / METRICS_FILE, keep_until=state.step, enabled=is_main)
     trained = DistributedDataParallel(model) if world > 1 and not sharded else model
 
-    def batches():  # the run's micro-batches from the data position on, and no more (prefetch stops there)
-        for micro in range(state.micro_batch, steps * config.grad_accum):
-            yield train_data.batch(order.indices(micro)), teacher_seed(config.seed, micro, world, rank)
-
-    stream = prefetched(teacher, batches(), teacher_config.prefetch) if teacher else _no_teacher(batches())
+    # the run's micro-batches from the data position on, and no more (prefetch stops there); data.source
+    # decides their responses and how far ahead they may be made (on-policy: data.source.staleness)
+    batches = source.batches(state.micro_batch, steps * config.grad_accum,
+                             lambda micro: teacher_seed(config.seed, micro, world, rank))
+    stream = prefetched(teacher, batches, source.depth) if teacher else _no_teacher(batches)
     stop = _StopRequest()
     deadline = None if config.max_time is None else started + config.max_time
     bar = tqdm(total=steps, initial=state.step, desc=config.loss.name, disable=not (config.progress and is_main),
@@ -211,8 +216,10 @@ def _train(config: TrainConfig, resume: bool | Path, stop_at: int | None, train_
             out_of_time = deadline is not None and time.monotonic() + step_s > deadline
             stopping = stop.agreed(world, device, out_of_time) or (stop_at is not None and state.step >= stop_at)
             if (is_main or sharded) and (last or stopping or config.save_every and state.step % config.save_every == 0):
-                save_checkpoint(output_dir, model, optimizer, schedule, state, config.keep_checkpoints,
-                                tokenizer=tokenizer, run_name=config.name, sharded=sharded)
+                saved = save_checkpoint(output_dir, model, optimizer, schedule, state, config.keep_checkpoints,
+                                        tokenizer=tokenizer, run_name=config.name, sharded=sharded)
+                if is_main:
+                    source.save(saved, state.micro_batch)
             if stopping and not last:
                 why = "stop requested"
                 if out_of_time:
@@ -236,6 +243,7 @@ def _train(config: TrainConfig, resume: bool | Path, stop_at: int | None, train_
         metrics.close()
         if teacher is not None:
             teacher.close()
+        source.close()
     final_dir = output_dir / FINAL_DIR
     if sharded:
         _save_gathered(model, config.student, final_dir, tokenizer, config.name, is_main)

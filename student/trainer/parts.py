@@ -13,11 +13,14 @@ from atkd.proto.device import resolve_device
 from atkd.proto.fingerprint import check_same_tokenizer, tokenizer_fingerprint, weights_digest
 from atkd.proto.model_id import saved_model_id
 from atkd.student.client import TeacherClient
-from atkd.student.data.examples import Examples, InstructionData, PackedText
+from atkd.student.client.generate import TeacherGenerator
+from atkd.student.data.examples import BatchOrder, Examples, InstructionData, PackedText
+from atkd.student.data.generated import generated_examples
+from atkd.student.data.sources import SequenceSource, build_source
 from atkd.student.models import load_model
 from atkd.student.teachers import CachedTeacher, LocalTeacher, RemoteTeacher, SignalCache, TeacherSource
 
-from .config import DataConfig, TeacherSourceConfig
+from .config import DataConfig, TeacherSourceConfig, TrainConfig
 
 
 def init_distributed() -> tuple[int, int, int]:
@@ -46,6 +49,40 @@ def load_examples(data: DataConfig, tokenizer: PreTrainedTokenizerBase, split: s
                                       response_field=data.response_field)
 
 
+def teacher_client(config: TeacherSourceConfig, tokenizer: PreTrainedTokenizerBase, vocab_size: int,
+                   client_name: str = "") -> TeacherClient:
+    """A checked :class:`TeacherClient` of a remote teacher section (raises ``TeacherMismatchError``)."""
+    token = os.environ.get(config.token_env) if config.token_env else None
+    client = TeacherClient(
+        config.addresses, tokenizer=tokenizer, vocab_size=vocab_size, token=token, token_file=config.token_file,
+        tls_root_cert=config.tls_root_cert, application=config.application, top_k=config.top_k,
+        codec=config.codec, timeout=config.timeout_s, retry_budget=config.retry_budget_s,
+        client_id=client_name or None, revision=config.revision,
+        allow_revision_change=config.allow_revision_change,
+    )  # fmt: skip
+    client.check()
+    return client
+
+
+def build_sequence_source(config: TrainConfig, examples: Examples, order: BatchOrder,
+                          tokenizer: PreTrainedTokenizerBase, student: PreTrainedModel, *, steps: int, rank: int,
+                          client_name: str = "") -> SequenceSource:
+    """The run's micro-batches from ``config.data.source`` (:mod:`atkd.student.data.sources`); its
+    ``examples`` are the training examples the run uses (offline teacher generations replace the responses)."""
+    vocab_size = student.config.vocab_size
+    teacher = config.teacher
+    used = config.used_teacher
+    return build_source(
+        config.data.source, examples, order, seed=config.seed, grad_accum=config.grad_accum, steps=steps,
+        student_model=student, eos_id=tokenizer.eos_token_id, prefetch=used.prefetch if used else 0,
+        teacher_generator=lambda: TeacherGenerator(teacher_client(teacher, tokenizer, vocab_size,
+                                                                  f"{client_name}-generate")),
+        generated=lambda directory: generated_examples(examples, directory, vocab_size=vocab_size,
+                                                       tokenizer_hash=tokenizer_fingerprint(tokenizer)),
+        samples_log=Path(config.output_dir) / f"samples-rank{rank}.jsonl",
+    )  # fmt: skip
+
+
 def build_teacher(config: TeacherSourceConfig, tokenizer: PreTrainedTokenizerBase, student: PreTrainedModel,
                   examples: Examples, client_name: str = "") -> TeacherSource:
     """The teacher source of ``config.mode``, checked against the student before it scores anything:
@@ -54,15 +91,7 @@ def build_teacher(config: TeacherSourceConfig, tokenizer: PreTrainedTokenizerBas
     options (cache). Raises ``TeacherMismatchError`` / :class:`~atkd.student.teachers.CacheMismatchError`."""
     vocab_size = student.config.vocab_size
     if config.mode == "remote":
-        token = os.environ.get(config.token_env) if config.token_env else None
-        client = TeacherClient(
-            config.addresses, tokenizer=tokenizer, vocab_size=vocab_size, token=token, token_file=config.token_file,
-            tls_root_cert=config.tls_root_cert, application=config.application, top_k=config.top_k,
-            codec=config.codec, timeout=config.timeout_s, retry_budget=config.retry_budget_s,
-            client_id=client_name or None, revision=config.revision,
-            allow_revision_change=config.allow_revision_change,
-        )  # fmt: skip
-        client.check()
+        client = teacher_client(config, tokenizer, vocab_size, client_name)
         return RemoteTeacher(client, top_k=config.top_k, codec=config.codec, temperature=config.temperature,
                              tail_samples=config.tail_samples)
     if config.mode == "local":
