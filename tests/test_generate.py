@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from atkd.proto import teacher_pb2 as pb
 from atkd.proto import teacher_pb2_grpc as pb_grpc
-from atkd.proto.metadata import CLIENT_ID_KEY
+from atkd.proto.metadata import AUTHORIZATION_KEY, CLIENT_ID_KEY, bearer
 from atkd.student.client import TeacherClient
 from atkd.student.client.generate import TeacherGenerator
 from tests.teacher_harness import GatedEngine, wait_until
@@ -26,9 +26,11 @@ def generate_request(prompts=PROMPTS, **options) -> pb.GenerateRequest:
     return pb.GenerateRequest(id="g", **{**fields, **options})
 
 
-def call(address: str, request: pb.GenerateRequest, client: str = "test") -> list[pb.GenerateResponse]:
+def call(address: str, request: pb.GenerateRequest, client: str = "test",
+         token: str | None = None) -> list[pb.GenerateResponse]:
+    metadata = ((CLIENT_ID_KEY, client),) + (((AUTHORIZATION_KEY, bearer(token)),) if token else ())
     with grpc.insecure_channel(address) as channel:
-        return list(pb_grpc.TeacherStub(channel).Generate(request, metadata=((CLIENT_ID_KEY, client),), timeout=60))
+        return list(pb_grpc.TeacherStub(channel).Generate(request, metadata=metadata, timeout=60))
 
 
 def by_prompt(responses) -> list[list[int]]:
@@ -128,23 +130,29 @@ def test_bad_generate_requests_get_invalid_argument_naming_the_field(serve_teach
     assert len(call(server.address, generate_request(max_new_tokens=4))) == 3  # the server still serves
 
 
-def test_generate_shares_the_queue_bound_and_client_limits_with_score(serve_teacher, tiny_teacher_engine):
+def test_generate_shares_the_queue_bound_and_client_limits_with_score(serve_teacher, tiny_teacher_engine, tmp_path):
+    tokens = tmp_path / "tokens.yaml"  # named tokens: each client is its token, whatever connection it uses
+    tokens.write_text("alice: alice-secret\nbob: bob-secret\ncarol: carol-secret\n")
     gated = GatedEngine(tiny_teacher_engine)
-    server = serve_teacher(engine=gated, max_queue_tokens=100, max_inflight_per_client=1)
-    with pytest.raises(grpc.RpcError) as raised:  # 18 prompt tokens + 3 x 30 new ones > 100 queued tokens
-        call(server.address, generate_request(max_new_tokens=30))
-    assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue is full" in raised.value.details()
-
+    server = serve_teacher(engine=gated, max_queue_tokens=100, max_batch_tokens=64, max_client_queue_share=1.0,
+                           max_inflight_per_client=1, auth_tokens_file=tokens)
+    scheduler = server.server.replica.scheduler
     gated.gate.clear()
-    with TeacherClient(server.address, top_k=4, client_id="student-a") as client:
-        pending = client.score_async([list(range(20))])
-        wait_until(lambda: server.server.replica.scheduler.inflight("student-a") == 1, what="the Score in flight")
-        with pytest.raises(grpc.RpcError) as raised:
-            call(server.address, generate_request(max_new_tokens=4), client="student-a")
+    with TeacherClient(server.address, top_k=4, token="alice-secret") as alice, \
+            TeacherClient(server.address, top_k=4, token="bob-secret") as bob:
+        computing = alice.score_async([list(range(60))])  # held in the engine by the gate
+        wait_until(gated.entered.is_set, what="alice's Score in the engine")
+        queued = bob.score_async([list(range(60))])  # 60 tokens waiting in the queue
+        wait_until(lambda: scheduler.queue.queued_tokens >= 60, what="bob's Score queued")
+        with pytest.raises(grpc.RpcError) as raised:  # 18 prompt tokens + 3 x 10 new ones: 60 + 48 > 100 queued
+            call(server.address, generate_request(max_new_tokens=10), token="carol-secret")
+        assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue is full" in raised.value.details()
+        with pytest.raises(grpc.RpcError) as raised:  # alice already has her one request in flight
+            call(server.address, generate_request(max_new_tokens=4), token="alice-secret")
         assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "in flight" in raised.value.details()
         gated.gate.set()
-        pending.result()
-    assert len(call(server.address, generate_request(max_new_tokens=4), client="student-a")) == 3
+        computing.result(), queued.result()
+    assert len(call(server.address, generate_request(max_new_tokens=4), token="alice-secret")) == 3
 
 
 def test_info_publishes_the_generation_limits(serve_teacher, tiny_model_dir):

@@ -41,11 +41,12 @@ float32 = st.floats(width=32, allow_nan=True, allow_infinity=True)
 @st.composite
 def score_requests(draw) -> pb.ScoreRequest:
     """Requests with arbitrary values in every field, biased towards the edges of the limits (a third of them
-    with every id in the vocabulary, so that many pass validation and reach the engine)."""
+    with every id in the vocabulary and most with one sequence of all the ids, so that many pass validation and reach the engine)."""
     valid_ids = st.integers(0, 511)
     token_ids = draw(st.lists(draw(st.sampled_from([valid_ids, valid_ids, st.integers(-2, 520), int32])),
-                              max_size=40))
+                              min_size=draw(st.sampled_from([0, 1, 1])), max_size=40))
     lengths = draw(st.one_of(
+        st.just([len(token_ids)]),
         st.just([len(token_ids)]),
         st.lists(st.one_of(st.integers(-2, 130), int32), max_size=6)))
     return pb.ScoreRequest(
@@ -55,6 +56,21 @@ def score_requests(draw) -> pb.ScoreRequest:
         temperature=draw(st.one_of(float32, st.floats(0.0078125, 128.0, width=32))),
         tail_samples=draw(st.one_of(st.integers(0, 10), uint32)),
         timeout_ms=draw(st.integers(0, 5000)),
+        tail_estimator=draw(st.integers(0, 7)), adaptive_tail=draw(st.booleans()),
+        **({"seed": draw(st.integers(0, 2**64 - 1))} if draw(st.booleans()) else {}),
+    )  # fmt: skip
+
+
+@st.composite
+def valid_score_requests(draw) -> pb.ScoreRequest:
+    """Requests within the limits in every field (the engine computes them: the OK side of the property)."""
+    token_ids = draw(st.lists(st.integers(0, 511), min_size=2, max_size=40))
+    tail_samples = draw(st.integers(0, 8))
+    return pb.ScoreRequest(
+        id=draw(st.text(max_size=8)), token_ids=token_ids, lengths=[len(token_ids)], top_k=draw(st.integers(1, 64)),
+        codec=draw(st.integers(0, 2)), temperature=draw(st.floats(0.015625, 64.0, width=32)), tail_samples=tail_samples,
+        tail_estimator=draw(st.integers(0, 4)) if tail_samples else 0,
+        adaptive_tail=draw(st.booleans()) if tail_samples else False,
         **({"seed": draw(st.integers(0, 2**64 - 1))} if draw(st.booleans()) else {}),
     )  # fmt: skip
 
@@ -119,7 +135,7 @@ def test_arbitrary_bytes_never_crash_the_server_nor_come_back_ok_with_a_bad_sign
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(score_requests())
+@given(st.one_of(score_requests(), valid_score_requests()))
 def test_arbitrary_field_values_never_crash_the_server_nor_come_back_ok_with_a_bad_signal(channel, request):
     _check_reply(lambda: pb_grpc.TeacherStub(channel).Score(request, timeout=30))
 

@@ -145,7 +145,7 @@ def test_a_job_the_engine_cannot_compute_fails_alone_not_its_batch(tiny_teacher_
     assert scored.batch_tokens == 7  # both were in one batch
     torch.testing.assert_close(scored.signal.topk_logprobs, tiny_teacher_engine.score([good])[0].topk_logprobs)
     assert isinstance(failure, ServiceError) and failure.code == grpc.StatusCode.INTERNAL
-    assert "the teacher engine failed on this request: ValueError: k must be in [1, 512], got 513" in str(failure)
+    assert "the teacher engine failed on this request: ValueError: k must be in [0, 512], got 513" in str(failure)
 
 
 def test_impossible_configs_are_refused_with_one_line(tiny_model_dir, tiny_teacher_engine):

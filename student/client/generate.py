@@ -75,18 +75,21 @@ class TeacherGenerator:
         return [generation for part in parts for generation in part]
 
     def _call(self, request: pb.GenerateRequest, timeout: float | None) -> list[Generation]:
-        """One request's continuations in prompt order, retried whole on retryable failures."""
+        """One request's continuations in prompt order, retried whole on another healthy replica (or the same
+        one after a backoff) on retryable failures, within the client's retry budget."""
         client, give_up_at, backoff = self.client, None, 0.2
         while True:
+            endpoint, healthy = client.replicas.pick()
             try:
                 found: dict[int, Generation] = {}
-                for response in client._stub.Generate(request, metadata=client._metadata,
-                                                      timeout=timeout or client.timeout):
+                for response in endpoint.stub.Generate(request, metadata=client._metadata,
+                                                       timeout=timeout or client.timeout):
                     found[response.index] = Generation(list(response.token_ids),
                                                        response.finish_reason == pb.FINISH_REASON_STOP)
                 if len(found) != len(request.prompt_lengths):
                     raise TeacherError(grpc.StatusCode.UNAVAILABLE, f"the teacher answered {len(found)} of "
                                        f"{len(request.prompt_lengths)} prompts (shutting down?)")
+                client.replicas.succeeded(endpoint)
                 return [found[index] for index in range(len(request.prompt_lengths))]
             except grpc.RpcError as error:
                 code, details = error.code(), error.details() or ""
@@ -95,9 +98,11 @@ class TeacherGenerator:
             now = time.monotonic()
             give_up_at = give_up_at or now + client.retry_budget
             if code not in RETRYABLE or now + backoff > give_up_at:
-                raise TeacherError(code, details)
-            time.sleep(backoff)
-            backoff = min(2 * backoff, 5.0)
+                raise TeacherError(code, f"{details} (replicas {client.replicas})")
+            client.replicas.failed(endpoint)
+            if not healthy:
+                time.sleep(backoff)
+                backoff = min(2 * backoff, 5.0)
 
 
 def _chunks(lengths: Sequence[int], max_new_tokens: int, budget: int) -> list[tuple[int, int]]:
