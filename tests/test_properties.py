@@ -41,7 +41,8 @@ float32 = st.floats(width=32, allow_nan=True, allow_infinity=True)
 @st.composite
 def score_requests(draw) -> pb.ScoreRequest:
     """Requests with arbitrary values in every field, biased towards the edges of the limits (a third of them
-    with every id in the vocabulary and most with one sequence of all the ids, so that many pass validation and reach the engine)."""
+    with every id in the vocabulary, most with one sequence of all the ids; :func:`valid_score_requests` draws
+    the ones that reach the engine)."""
     valid_ids = st.integers(0, 511)
     token_ids = draw(st.lists(draw(st.sampled_from([valid_ids, valid_ids, st.integers(-2, 520), int32])),
                               min_size=draw(st.sampled_from([0, 1, 1])), max_size=40))
