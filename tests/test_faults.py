@@ -284,7 +284,11 @@ def test_past_the_budget_the_run_stops_with_a_clear_error_and_a_checkpoint_that_
         config = fault_config(tmp_path, corpus, student, [gone.address], retry_budget_s=1.5)
         config_file = tmp_path / "run.json"
         config_file.write_text(config.model_dump_json())
-        fault_at(FAULT_AT, kill(gone, signal.SIGKILL))
+        def kill_once_answered():  # batches 3 and 4 answered first, so the failure is always micro-batch 5's
+            wait_until(lambda: all(result.call.done() for result in sources[0].submitted), what="batches 3 and 4")
+            gone.process.send_signal(signal.SIGKILL)
+
+        sources = fault_at(FAULT_AT, kill_once_answered)
         with pytest.raises(SystemExit) as stopped:
             cli.main(["train", "--config", str(config_file)])
     assert stopped.value.code == 4
