@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-fast lint bench install
+.PHONY: demo test test-fast lint bench install experiments experiments-quick
 
 $(VENV)/.installed-run: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,3 +38,9 @@ bench: $(VENV)/.installed-dev
 	$(PY) -m bench.teacher_throughput
 	$(PY) -m bench.student_pipeline --steps 30 --rounds 2
 	$(PY) -m bench.ray_throughput --rounds 7
+
+experiments: $(VENV)/.installed-dev
+	$(PY) -m experiments
+
+experiments-quick: $(VENV)/.installed-dev
+	$(PY) -m experiments --quick
