@@ -124,3 +124,63 @@ def test_with_splitting_off_requests_are_taken_whole():
         fair.push(Request(client, 2064, name=client, sequences=(129,) * 16))
     assert names(fair.take_batch()) == ["a"]
     assert names(fair.take_batch()) == ["b"]
+
+
+# -- share of a batch: a backlogged client beside light ones (issue 11, "Load", case 6) --------------------
+def student_request(client: str, name: str = "") -> Request:
+    return Request(client, 512, name=name or client, sequences=(128,) * 4)  # 4 x 128 tokens, as bench.teacher_load
+
+
+def served(batch: list[Request], client: str) -> int:
+    return sum(request.tokens for request in batch if request.client == client)
+
+
+@pytest.mark.parametrize("fair_share", [True, False])
+def test_a_backlogged_client_beside_light_ones_gets_its_share_of_each_batch_not_the_room_they_leave(fair_share):
+    """4 students with a request each and one backlogged client: before, every batch took the students' 2048
+    tokens and filled the other 2048 with the backlog (work-conserving), so every student waited for a batch
+    of the whole budget; now the backlog adds at most 4096 / 5 tokens while the students are active, also in
+    a batch none of them is queued for (their answers are on their way back); alone, it fills every batch."""
+    fair = queue(max_batch_tokens=4096, max_queue_tokens=1 << 20, fair_share=fair_share)
+    students = [f"student{i}" for i in range(4)]
+    for i in range(64):  # more than it can be served here: backlogged throughout
+        fair.push(student_request("abuser", f"a{i}"))
+    backlog = []
+    for _ in range(4):  # each student's answer comes back and it sends its next request
+        for name in students:
+            fair.push(student_request(name))
+        batch = fair.take_batch()
+        assert all(served(batch, name) == 512 for name in students)
+        backlog.append(served(batch, "abuser"))
+    gap = served(fair.take_batch(), "abuser")  # the students' next requests not back yet
+    alone = [served(fair.take_batch(), "abuser") for _ in range(2)]
+    if fair_share:
+        assert all(0 < tokens <= 4096 // 5 for tokens in backlog) and 0 < gap <= 4096 // 5
+        assert alone == [4096, 4096]  # the students gone: one batch later it fills every batch
+    else:  # the old, work-conserving rotation
+        assert backlog == [2048] * 4 and gap == 4096 and alone == [4096, 4096]
+
+
+def test_a_single_client_still_fills_every_batch_and_two_backlogged_clients_share_them():
+    fair = queue(max_batch_tokens=4096, max_queue_tokens=1 << 20)
+    for i in range(32):
+        fair.push(student_request("a", f"a{i}"))
+    assert [served(fair.take_batch(), "a") for _ in range(2)] == [4096, 4096]
+    for i in range(32):
+        fair.push(student_request("b", f"b{i}"))
+    batches = [fair.take_batch() for _ in range(3)]
+    assert [(served(batch, "a"), served(batch, "b")) for batch in batches] == [(2048, 2048)] * 3
+
+
+def test_a_request_larger_than_its_share_still_enters_a_batch_whole():
+    """The share binds beyond a client's first request in a batch, so no request waits for ever."""
+    fair = queue(max_batch_tokens=100, max_queue_tokens=1000, split_requests=False)
+    for client in "abcd":
+        fair.push(Request(client, 10, name=client))
+    fair.take_batch()
+    fair.push(Request("big", 60, name="big0"))
+    fair.push(Request("big", 60, name="big1"))
+    for client in "abcd":
+        fair.push(Request(client, 10, name=client))
+    batch = fair.take_batch()  # 5 active clients: a share of 20 tokens each
+    assert sorted(names(batch)) == ["a", "b", "big0", "c", "d"]

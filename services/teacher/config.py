@@ -47,10 +47,17 @@ class TeacherConfig(BaseModel):
         None, ge=1, description="tokens queued over all clients before RESOURCE_EXHAUSTED (default: 8 x batch)")
     split_requests: bool = Field(True, description="let a request's sequences run in several batches, so that "
                                                    "requests of several clients fill one batch (false: whole requests)")
+    compute_share: Literal["fair", "fill"] = Field(
+        "fair", description="fair: while n clients are active (work queued, or in the last batch), no client takes "
+                            "more than 1/n of a batch's token budget beyond its first request, so a backlogged client "
+                            "cannot make every batch long; fill: a backlogged client fills the room the others leave")
     max_new_tokens: int = Field(256, ge=0, description="most new tokens one prompt of a Generate request may ask "
                                                        "for (0: refuse Generate)")
     max_inflight_per_client: int = Field(16, ge=1, description="requests one client may have queued, computing or "
                                                                "waiting to be sent")
+    stream_compute_window: int = Field(
+        4, ge=1, description="requests of one ScoreStream computing or computed whose responses gRPC has not yet "
+                             "taken: a stream that is not read gets no more computed ahead of its reader")
     max_client_queue_share: float = Field(0.5, gt=0, le=1, description="fraction of the queue's tokens one client "
                                                                        "may hold, so that no client fills it alone")
     packing: Literal["auto", "off"] = Field(

@@ -9,6 +9,15 @@ light client (one request in flight) takes its turn in the rotation: next to one
 request goes into the batch after the one running when it arrived, however long the heavy client's
 backlog.
 
+Share of a batch (``fair_share``): while n clients are active, a client takes at most ``max_batch_tokens
+// n`` tokens of a batch, beyond its first request (or part) in it, which is exempt so that no request
+starves. Active: it has work queued, or it had work in the batch taken before this one (its answers are
+on their way back and its next requests are due). Deficit round-robin alone is work-conserving: a client
+left alone in the ring is credited again and again until the batch is full, so a backlogged client beside
+light ones fills every batch to the budget, and the light clients, whose throughput is bound by their
+latency, wait for batches as long as the budget. With the share it adds about its 1/n, as the others do;
+alone (n = 1) it still fills every batch, from the second after the others left.
+
 Granularity: a request whose sequences can be split (it has ``prefix_tokens`` / ``take_prefix``) and that
 does not fit the room left in a batch gives that room the longest prefix of its whole sequences that fits
 (if its client's deficit allows it) and stays at the head of its queue with the rest. So two students whose
@@ -52,9 +61,10 @@ class FairQueue(Generic[Item]):
     """Per-client FIFO queues served by deficit round-robin in tokens, with admission limits."""
 
     def __init__(self, *, max_batch_tokens: int, max_queue_tokens: int, max_inflight_per_client: int,
-                 split_requests: bool = True, max_client_queue_tokens: int | None = None):
+                 split_requests: bool = True, max_client_queue_tokens: int | None = None, fair_share: bool = True):
         self.max_batch_tokens = max_batch_tokens
         self.split_requests = split_requests
+        self.fair_share = fair_share
         self.max_queue_tokens = max_queue_tokens
         self.max_client_queue_tokens = max_queue_tokens if max_client_queue_tokens is None else max_client_queue_tokens
         self.max_inflight_per_client = max_inflight_per_client
@@ -63,6 +73,7 @@ class FairQueue(Generic[Item]):
         self._ring: deque[str] = deque()  # clients with queued work, in visiting order
         self._deficit: Counter[str] = Counter()
         self._visiting = False  # whether ring[0] already got its quantum for the current visit
+        self._recent: set[str] = set()  # clients of the last batch taken
         self._inflight: Counter[str] = Counter()
         self._client_queued_tokens: Counter[str] = Counter()
         self.queued_tokens = 0
@@ -126,21 +137,33 @@ class FairQueue(Generic[Item]):
         return self._inflight[client] if client is not None else sum(self._inflight.values())
 
     def take_batch(self) -> list:
-        """Deficit round-robin over the ring until the batch has no room for the next request due.
+        """Deficit round-robin over the ring until the batch has no room for the next request due, or every
+        client left in the ring has its share of the batch.
 
         Returns the requests taken whole (they leave their queues but stay in flight until
-        :meth:`finished`) and at most one part of a request (``take_prefix``'s result; the request keeps
-        the rest at the head of its queue), last, when the batch's remaining room takes a part of it."""
+        :meth:`finished`) and at most one part of a request per client (``take_prefix``'s result; the request
+        keeps the rest at the head of its queue), when its room or its share takes a part of it."""
         batch: list = []
         room = self.max_batch_tokens
+        share = self._share()
+        mine: Counter[str] = Counter()  # tokens of each client in this batch
+        capped: set[str] = set()  # clients at their share: no more of them in this batch
         while self._ring:
             client = self._ring[0]
             queue = self._queues[client]
             head = queue[0]
-            whole = head.tokens <= room
-            tokens = head.tokens if whole else head.prefix_tokens(room) if self.split_requests else 0
-            if not tokens:
+            limit = room if not mine[client] else min(room, share - mine[client])  # the first request is exempt
+            whole = head.tokens <= limit
+            tokens = head.tokens if whole else head.prefix_tokens(limit) if self.split_requests else 0
+            if not tokens and limit == room:
                 break  # full: the visit goes on in the next batch, and nobody is credited ahead of time
+            if not tokens or client in capped:
+                capped.add(client)
+                if capped.issuperset(self._ring):
+                    break
+                self._ring.rotate(-1)
+                self._visiting = False
+                continue
             if not self._visiting:
                 self._deficit[client] += self.quantum
                 self._visiting = True
@@ -150,13 +173,24 @@ class FairQueue(Generic[Item]):
                 continue
             self._deficit[client] -= tokens
             room -= tokens
-            if not whole:  # the room is used up by a prefix of the head; the rest stays queued
+            mine[client] += tokens
+            if not whole:  # its room or its share is used up by a prefix of the head; the rest stays queued
                 self._queued(client, -tokens)
                 batch.append(head.take_prefix(tokens))
-                break
+                if limit == room + tokens:
+                    break  # the room: the batch is full
+                capped.add(client)
+                continue
             self._left_queue(queue.popleft())
             batch.append(head)
+        self._recent = set(mine)
         return batch
+
+    def _share(self) -> int:
+        """Tokens of a batch one client may hold beyond its first request: ``max_batch_tokens // n`` for
+        the n active clients (queued work, or in the last batch); the whole batch if ``fair_share`` is off."""
+        active = len(set(self._ring) | self._recent)
+        return self.max_batch_tokens // active if self.fair_share and active > 1 else self.max_batch_tokens
 
     def _left_queue(self, item: Item) -> None:
         """Bookkeeping of a request leaving its queue (the caller removed it from the deque)."""
