@@ -48,9 +48,9 @@ class TeacherConfig(BaseModel):
     split_requests: bool = Field(True, description="let a request's sequences run in several batches, so that "
                                                    "requests of several clients fill one batch (false: whole requests)")
     compute_share: Literal["fair", "fill"] = Field(
-        "fair", description="fair: while n clients are active (work queued, or in the last batch), no client takes "
-                            "more than 1/n of a batch's token budget beyond its first request, so a backlogged client "
-                            "cannot make every batch long; fill: a backlogged client fills the room the others leave")
+        "fair", description="fair: while other clients are active, a backlogged client gets about what each of them "
+                            "gets of a batch, not the room they leave (see fair_queue.py); fill: deficit round-robin "
+                            "alone, work-conserving: a backlogged client fills every batch")
     max_new_tokens: int = Field(256, ge=0, description="most new tokens one prompt of a Generate request may ask "
                                                        "for (0: refuse Generate)")
     max_inflight_per_client: int = Field(16, ge=1, description="requests one client may have queued, computing or "

@@ -9,14 +9,17 @@ light client (one request in flight) takes its turn in the rotation: next to one
 request goes into the batch after the one running when it arrived, however long the heavy client's
 backlog.
 
-Share of a batch (``fair_share``): while n clients are active, a client takes at most ``max_batch_tokens
-// n`` tokens of a batch, beyond its first request (or part) in it, which is exempt so that no request
-starves. Active: it has work queued, or it had work in the batch taken before this one (its answers are
-on their way back and its next requests are due). Deficit round-robin alone is work-conserving: a client
-left alone in the ring is credited again and again until the batch is full, so a backlogged client beside
-light ones fills every batch to the budget, and the light clients, whose throughput is bound by their
-latency, wait for batches as long as the budget. With the share it adds about its 1/n, as the others do;
-alone (n = 1) it still fills every batch, from the second after the others left.
+Share of a batch (``fair_share``): deficit round-robin alone is work-conserving: a client left alone in
+the ring is credited again and again until the batch is full, so a backlogged client beside light ones
+(a few requests in flight, throughput bound by their latency) fills every batch to the budget and they
+wait for batches that long. Instead, while n clients are active (work queued, or work in the batch before,
+whose answers are on their way back), a client takes, beyond its first request in a batch (which is
+exempt, so that no request starves), at most ``max_batch_tokens // n`` of it, and once it is the only
+one left with queued work, no more than the mean of what the other clients have in the batch (one
+``quantum`` if they have nothing in it). So a backlogged client gets about what each light client gets
+(in a simulation of bench.teacher_load's case 6: exactly as much), instead of the room they leave;
+clients backlogged together still fill every batch, and a client alone fills every batch from the second
+after the others left.
 
 Granularity: a request whose sequences can be split (it has ``prefix_tokens`` / ``take_prefix``) and that
 does not fit the room left in a batch gives that room the longest prefix of its whole sequences that fits
@@ -141,23 +144,24 @@ class FairQueue(Generic[Item]):
         client left in the ring has its share of the batch.
 
         Returns the requests taken whole (they leave their queues but stay in flight until
-        :meth:`finished`) and at most one part of a request per client (``take_prefix``'s result; the request
-        keeps the rest at the head of its queue), when its room or its share takes a part of it."""
+        :meth:`finished`) and parts of requests (``take_prefix``'s result; the request keeps the rest at the
+        head of its queue): one where a client's share ends inside its head request, and one, last, where
+        the batch's remaining room does."""
         batch: list = []
         room = self.max_batch_tokens
-        share = self._share()
+        active = len(set(self._ring) | self._recent)
         mine: Counter[str] = Counter()  # tokens of each client in this batch
-        capped: set[str] = set()  # clients at their share: no more of them in this batch
+        capped: set[str] = set()  # clients that have their share of this batch
         while self._ring:
             client = self._ring[0]
             queue = self._queues[client]
             head = queue[0]
-            limit = room if not mine[client] else min(room, share - mine[client])  # the first request is exempt
+            limit = room if not mine[client] else min(room, self._share(client, mine, active) - mine[client])
             whole = head.tokens <= limit
             tokens = head.tokens if whole else head.prefix_tokens(limit) if self.split_requests else 0
             if not tokens and limit == room:
                 break  # full: the visit goes on in the next batch, and nobody is credited ahead of time
-            if not tokens or client in capped:
+            if not tokens or client in capped:  # it has its share: the others go on
                 capped.add(client)
                 if capped.issuperset(self._ring):
                     break
@@ -172,13 +176,14 @@ class FairQueue(Generic[Item]):
                 self._visiting = False
                 continue
             self._deficit[client] -= tokens
+            full = limit == room
             room -= tokens
             mine[client] += tokens
-            if not whole:  # its room or its share is used up by a prefix of the head; the rest stays queued
+            if not whole:  # the room, or its share, is used up by a prefix of the head; the rest stays queued
                 self._queued(client, -tokens)
                 batch.append(head.take_prefix(tokens))
-                if limit == room + tokens:
-                    break  # the room: the batch is full
+                if full:
+                    break
                 capped.add(client)
                 continue
             self._left_queue(queue.popleft())
@@ -186,11 +191,16 @@ class FairQueue(Generic[Item]):
         self._recent = set(mine)
         return batch
 
-    def _share(self) -> int:
-        """Tokens of a batch one client may hold beyond its first request: ``max_batch_tokens // n`` for
-        the n active clients (queued work, or in the last batch); the whole batch if ``fair_share`` is off."""
-        active = len(set(self._ring) | self._recent)
-        return self.max_batch_tokens // active if self.fair_share and active > 1 else self.max_batch_tokens
+    def _share(self, client: str, mine: Counter[str], active: int) -> int:
+        """The most tokens of this batch ``client`` may hold beyond its first request, ``mine`` holding each
+        client's tokens so far and ``active`` the number of active clients (see "Share of a batch" above)."""
+        if not self.fair_share or active < 2:
+            return self.max_batch_tokens
+        share = self.max_batch_tokens // active
+        if len(self._ring) == 1:  # the only one with queued work: no more than the others have on average
+            others = [tokens for other, tokens in mine.items() if other != client]
+            share = min(share, sum(others) // len(others) if others else self.quantum)
+        return share
 
     def _left_queue(self, item: Item) -> None:
         """Bookkeeping of a request leaving its queue (the caller removed it from the deque)."""

@@ -148,7 +148,7 @@ class TeacherServicer(pb_grpc.TeacherServicer):
     ) -> AsyncIterator[pb.ScoreResponse]:
         """Every request is scored concurrently; responses go out as they complete, errors included."""
         client = self.client(context)
-        # (response, release of its in-flight slot), _WAKE, or None when the client is done sending
+        # (response, release of its in-flight and compute slots), _WAKE, or None when the client is done sending
         responses: asyncio.Queue = asyncio.Queue()
         window = asyncio.Semaphore(self._stream_window)  # requests read whose responses are not sent yet
         computing = asyncio.Semaphore(self._stream_compute_window)  # of those, submitted to the scheduler
