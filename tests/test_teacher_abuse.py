@@ -25,12 +25,14 @@ from pydantic import ValidationError
 from atkd.proto import teacher_pb2 as pb
 from atkd.proto import teacher_pb2_grpc as pb_grpc
 from atkd.proto.metadata import AUTHORIZATION_KEY, CLIENT_ID_KEY, bearer
+from atkd.proto.signal import compress
 from atkd.services.teacher.config import TeacherConfig
 from atkd.services.teacher.errors import ConfigError, ServiceError
 from atkd.services.teacher.metrics import TeacherMetrics
 from atkd.services.teacher.replica import Replica
-from atkd.services.teacher.request import ScoreJob
+from atkd.services.teacher.request import Limits, ScoreJob
 from atkd.services.teacher.scheduler import Scheduler
+from atkd.services.teacher.servicer import TeacherServicer
 from tests.teacher_harness import GatedEngine, wait_until
 
 SCORE = "/atkd.teacher.v1.Teacher/Score"
@@ -70,6 +72,69 @@ def test_a_stream_that_is_never_read_stops_being_served_and_frees_its_slots_on_c
     wait_until(lambda: scheduler.inflight() == 0, what="the slots to come back after the cancel")
     assert answered(server) == computed and not server.server.replica.servicer._streams
     channel.close()
+
+
+class FakeContext:
+    """What ScoreStream asks of a grpc.aio context."""
+
+    def invocation_metadata(self):
+        return ()
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
+
+
+@pytest.mark.parametrize("compute_window", [1, 2])
+def test_a_never_read_stream_gets_no_more_computed_than_its_compute_window(compute_window):
+    """The servicer driven without gRPC (no HTTP/2 window to take responses): 50 requests sent, the first
+    response taken, then nobody reads. Only ``stream_compute_window`` requests are computed, not the
+    ``stream_window`` (16) read, and each response taken lets one more be computed. Before, all 16 read
+    were computed at once (issue 11, "Load", case 2: an unread stream's burst)."""
+    vocab = 32
+    computed: list[ScoreJob] = []
+
+    def compute(jobs):
+        computed.extend(jobs)
+        return [compress(torch.zeros(job.num_positions, vocab), job.targets, job.top_k) for job in jobs]
+
+    async def main():
+        scheduler = Scheduler(compute, TeacherMetrics(), max_batch_tokens=1024, max_wait_s=0.001,
+                              max_queue_tokens=1 << 16, max_inflight_per_client=16)
+        scheduler.start()
+        limits = Limits(vocab_size=vocab, max_seq_len=64, max_batch_tokens=1024, max_top_k=8, max_tail_samples=0)
+        servicer = TeacherServicer(pb.InfoResponse(model_revision="r"), limits, scheduler, TeacherMetrics(),
+                                   stream_window=16, stream_compute_window=compute_window)
+        read = asyncio.Event()
+        pulled = 0
+
+        async def requests():
+            nonlocal pulled
+            for i in range(50):
+                pulled += 1
+                if pulled == 16:
+                    read.set()
+                yield request(str(i), [[1, 2, 3, 4, 5, 6, 7, 8]], top_k=4)
+
+        async def settled() -> int:
+            await read.wait()  # the stream's window is full: nothing more is read
+            for _ in range(20):  # let every request that may be computed reach the scheduler and be computed
+                await asyncio.sleep(0.01)
+                await scheduler.drained()
+            return len(computed)
+
+        stream = servicer.ScoreStream(requests(), FakeContext())
+        first = await anext(stream)
+        held = await settled()
+        await anext(stream)  # one more response taken: one more may be computed
+        after_one_more = await settled()
+        await stream.aclose()
+        await scheduler.stop()
+        return first, held, after_one_more, pulled
+
+    first, held, after_one_more, pulled = asyncio.run(asyncio.wait_for(main(), 30))
+    assert first.HasField("signal") and not first.HasField("error")
+    assert held == compute_window and after_one_more == compute_window + 1
+    assert pulled <= 17  # stream_window requests read (and one more once a response was taken)
 
 
 # -- item 3: any failure answers INTERNAL and leaves the stream usable ------------------------------------

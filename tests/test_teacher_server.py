@@ -392,6 +392,9 @@ def test_cli_reads_yaml_and_flags_override_it(tmp_path, tiny_model_dir):
     assert not parse_config([*model, "--split-requests", "false"]).split_requests  # not bool("false")
     with pytest.raises(SystemExit):
         parse_config([*model, "--split-requests", "maybe"])
+    assert (config.compute_share, config.stream_compute_window) == ("fair", 4)
+    other = parse_config([*model, "--compute-share", "fill", "--stream-compute-window", "2"])
+    assert (other.compute_share, other.stream_compute_window) == ("fill", 2)
     parser = argparse.ArgumentParser()
     add_config_flags(parser)
     assert {action.dest for action in parser._actions} - {"help"} == set(TeacherConfig.model_fields)

@@ -47,10 +47,17 @@ class TeacherConfig(BaseModel):
         None, ge=1, description="tokens queued over all clients before RESOURCE_EXHAUSTED (default: 8 x batch)")
     split_requests: bool = Field(True, description="let a request's sequences run in several batches, so that "
                                                    "requests of several clients fill one batch (false: whole requests)")
+    compute_share: Literal["fair", "fill"] = Field(
+        "fair", description="fair: while other clients are active, a backlogged client gets about what each of them "
+                            "gets of a batch, not the room they leave (see fair_queue.py); fill: deficit round-robin "
+                            "alone, work-conserving: a backlogged client fills every batch")
     max_new_tokens: int = Field(256, ge=0, description="most new tokens one prompt of a Generate request may ask "
                                                        "for (0: refuse Generate)")
     max_inflight_per_client: int = Field(16, ge=1, description="requests one client may have queued, computing or "
                                                                "waiting to be sent")
+    stream_compute_window: int = Field(
+        4, ge=1, description="requests of one ScoreStream computing or computed whose responses gRPC has not yet "
+                             "taken: a stream that is not read gets no more computed ahead of its reader")
     max_client_queue_share: float = Field(0.5, gt=0, le=1, description="fraction of the queue's tokens one client "
                                                                        "may hold, so that no client fills it alone")
     packing: Literal["auto", "off"] = Field(

@@ -9,6 +9,18 @@ light client (one request in flight) takes its turn in the rotation: next to one
 request goes into the batch after the one running when it arrived, however long the heavy client's
 backlog.
 
+Share of a batch (``fair_share``): deficit round-robin alone is work-conserving: a client left alone in
+the ring is credited again and again until the batch is full, so a backlogged client beside light ones
+(a few requests in flight, throughput bound by their latency) fills every batch to the budget and they
+wait for batches that long. Instead, while n clients are active (work queued, or work in the batch before,
+whose answers are on their way back), a client takes, beyond its first request in a batch (which is
+exempt, so that no request starves), at most ``max_batch_tokens // n`` of it, and once it is the only
+one left with queued work, no more than the mean of what the other clients have in the batch (one
+``quantum`` if they have nothing in it). So a backlogged client gets about what each light client gets
+(in a simulation of bench.teacher_load's case 6: exactly as much), instead of the room they leave;
+clients backlogged together still fill every batch, and a client alone fills every batch from the second
+after the others left.
+
 Granularity: a request whose sequences can be split (it has ``prefix_tokens`` / ``take_prefix``) and that
 does not fit the room left in a batch gives that room the longest prefix of its whole sequences that fits
 (if its client's deficit allows it) and stays at the head of its queue with the rest. So two students whose
@@ -52,9 +64,10 @@ class FairQueue(Generic[Item]):
     """Per-client FIFO queues served by deficit round-robin in tokens, with admission limits."""
 
     def __init__(self, *, max_batch_tokens: int, max_queue_tokens: int, max_inflight_per_client: int,
-                 split_requests: bool = True, max_client_queue_tokens: int | None = None):
+                 split_requests: bool = True, max_client_queue_tokens: int | None = None, fair_share: bool = True):
         self.max_batch_tokens = max_batch_tokens
         self.split_requests = split_requests
+        self.fair_share = fair_share
         self.max_queue_tokens = max_queue_tokens
         self.max_client_queue_tokens = max_queue_tokens if max_client_queue_tokens is None else max_client_queue_tokens
         self.max_inflight_per_client = max_inflight_per_client
@@ -63,6 +76,7 @@ class FairQueue(Generic[Item]):
         self._ring: deque[str] = deque()  # clients with queued work, in visiting order
         self._deficit: Counter[str] = Counter()
         self._visiting = False  # whether ring[0] already got its quantum for the current visit
+        self._recent: set[str] = set()  # clients of the last batch taken
         self._inflight: Counter[str] = Counter()
         self._client_queued_tokens: Counter[str] = Counter()
         self.queued_tokens = 0
@@ -126,21 +140,34 @@ class FairQueue(Generic[Item]):
         return self._inflight[client] if client is not None else sum(self._inflight.values())
 
     def take_batch(self) -> list:
-        """Deficit round-robin over the ring until the batch has no room for the next request due.
+        """Deficit round-robin over the ring until the batch has no room for the next request due, or every
+        client left in the ring has its share of the batch.
 
         Returns the requests taken whole (they leave their queues but stay in flight until
-        :meth:`finished`) and at most one part of a request (``take_prefix``'s result; the request keeps
-        the rest at the head of its queue), last, when the batch's remaining room takes a part of it."""
+        :meth:`finished`) and parts of requests (``take_prefix``'s result; the request keeps the rest at the
+        head of its queue): one where a client's share ends inside its head request, and one, last, where
+        the batch's remaining room does."""
         batch: list = []
         room = self.max_batch_tokens
+        active = len(set(self._ring) | self._recent)
+        mine: Counter[str] = Counter()  # tokens of each client in this batch
+        capped: set[str] = set()  # clients that have their share of this batch
         while self._ring:
             client = self._ring[0]
             queue = self._queues[client]
             head = queue[0]
-            whole = head.tokens <= room
-            tokens = head.tokens if whole else head.prefix_tokens(room) if self.split_requests else 0
-            if not tokens:
+            limit = room if not mine[client] else min(room, self._share(client, mine, active) - mine[client])
+            whole = head.tokens <= limit
+            tokens = head.tokens if whole else head.prefix_tokens(limit) if self.split_requests else 0
+            if not tokens and limit == room:
                 break  # full: the visit goes on in the next batch, and nobody is credited ahead of time
+            if not tokens or client in capped:  # it has its share: the others go on
+                capped.add(client)
+                if capped.issuperset(self._ring):
+                    break
+                self._ring.rotate(-1)
+                self._visiting = False
+                continue
             if not self._visiting:
                 self._deficit[client] += self.quantum
                 self._visiting = True
@@ -149,14 +176,31 @@ class FairQueue(Generic[Item]):
                 self._visiting = False
                 continue
             self._deficit[client] -= tokens
+            full = limit == room
             room -= tokens
-            if not whole:  # the room is used up by a prefix of the head; the rest stays queued
+            mine[client] += tokens
+            if not whole:  # the room, or its share, is used up by a prefix of the head; the rest stays queued
                 self._queued(client, -tokens)
                 batch.append(head.take_prefix(tokens))
-                break
+                if full:
+                    break
+                capped.add(client)
+                continue
             self._left_queue(queue.popleft())
             batch.append(head)
+        self._recent = set(mine)
         return batch
+
+    def _share(self, client: str, mine: Counter[str], active: int) -> int:
+        """The most tokens of this batch ``client`` may hold beyond its first request, ``mine`` holding each
+        client's tokens so far and ``active`` the number of active clients (see "Share of a batch" above)."""
+        if not self.fair_share or active < 2:
+            return self.max_batch_tokens
+        share = self.max_batch_tokens // active
+        if len(self._ring) == 1:  # the only one with queued work: no more than the others have on average
+            others = [tokens for other, tokens in mine.items() if other != client]
+            share = min(share, sum(others) // len(others) if others else self.quantum)
+        return share
 
     def _left_queue(self, item: Item) -> None:
         """Bookkeeping of a request leaving its queue (the caller removed it from the deque)."""

@@ -59,10 +59,11 @@ class Replica:
             max_batch_tokens=config.max_batch_tokens,
             max_wait_s=config.max_wait_ms / 1000, max_queue_tokens=config.queue_tokens,
             max_inflight_per_client=config.max_inflight_per_client, split_requests=config.split_requests,
-            max_client_queue_tokens=config.client_queue_tokens,
+            max_client_queue_tokens=config.client_queue_tokens, fair_share=config.compute_share == "fair",
         )  # fmt: skip
         self.servicer = TeacherServicer(self.info, self.limits, self.scheduler, self.metrics, self.auth,
-                                        stream_window=config.max_inflight_per_client)
+                                        stream_window=config.max_inflight_per_client,
+                                        stream_compute_window=config.stream_compute_window)
         self.servicer.generation = GenerateService(self.limits, self.scheduler, self.metrics, config.max_new_tokens,
                                                    tuple(self.info.eos_token_ids))
 

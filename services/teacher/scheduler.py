@@ -3,9 +3,10 @@
 A batch is due when the queued tokens reach ``max_batch_tokens``, the oldest request has waited
 ``max_wait_s``, or the replica is closing, and as soon as the engine is free: batches run one at a time
 on one worker thread while the event loop keeps receiving requests and sending responses. *What* goes
-into a batch (deficit round-robin by tokens between clients) and who may queue (per-client and total
-limits, RESOURCE_EXHAUSTED at once) is the synchronous policy of :mod:`.fair_queue`; this module only
-adds time: futures, deadlines, the worker thread and metrics. One turn of :meth:`Scheduler._run`::
+into a batch (deficit round-robin by tokens between clients, each within its share of the batch) and who
+may queue (per-client and total limits, RESOURCE_EXHAUSTED at once) is the synchronous policy of
+:mod:`.fair_queue`; this module only adds time: futures, deadlines, the worker thread and metrics. One
+turn of :meth:`Scheduler._run`::
 
     await self._until_batch_due()          # wait: full, old enough, or closing
     batch = self._take_batch()             # FairQueue.take_batch(), less what was cancelled meanwhile
@@ -100,6 +101,7 @@ class Scheduler:
         max_inflight_per_client: int,
         split_requests: bool = True,
         max_client_queue_tokens: int | None = None,
+        fair_share: bool = True,
     ):
         self._compute = compute
         self._metrics = metrics
@@ -109,7 +111,8 @@ class Scheduler:
                                                     max_queue_tokens=max_queue_tokens,
                                                     max_inflight_per_client=max_inflight_per_client,
                                                     split_requests=split_requests,
-                                                    max_client_queue_tokens=max_client_queue_tokens)
+                                                    max_client_queue_tokens=max_client_queue_tokens,
+                                                    fair_share=fair_share)
         self._computing = False
         self._closing = False
         self._wake = asyncio.Event()

@@ -13,6 +13,10 @@ Flow control of ScoreStream: a stream reads its next request only while fewer th
 of its requests are unanswered or have a response not yet sent, and a request keeps its client's
 in-flight slot until its response is sent. So a client that sends and never reads stops being read
 (HTTP/2 flow control then stops its sends) and holds at most ``stream_window`` responses in the server.
+Of the requests read, a stream submits to the scheduler only while fewer than ``stream_compute_window``
+of its requests are computing or computed with a response not yet taken by gRPC; the others wait, read
+but not queued (no in-flight slot, no compute). So an unread stream gets that many requests computed, plus
+what the HTTP/2 windows take, then nothing: its compute is not spent far ahead of its reader.
 """
 
 from __future__ import annotations
@@ -80,19 +84,28 @@ def _nothing() -> None:
     pass
 
 
+def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:
+    def release() -> None:
+        first()
+        second()
+
+    return release
+
+
 class TeacherServicer(pb_grpc.TeacherServicer):
     """Thin adapter between the wire and :class:`Scheduler`."""
 
     generation: GenerateService | None = None  # the Generate RPC's logic, set by the replica
 
     def __init__(self, info: pb.InfoResponse, limits: Limits, scheduler: Scheduler, metrics: TeacherMetrics,
-                 auth: BearerToken | None = None, stream_window: int = 16):
+                 auth: BearerToken | None = None, stream_window: int = 16, stream_compute_window: int = 4):
         self._info = info
         self._limits = limits
         self._scheduler = scheduler
         self._metrics = metrics
         self._auth = auth
         self._stream_window = stream_window
+        self._stream_compute_window = min(stream_compute_window, stream_window)
         self._closing = False
         self._streams: set[asyncio.Queue] = set()  # the response queues of the open ScoreStream calls
         self._warnings = RateLimitedLog(log)
@@ -135,18 +148,23 @@ class TeacherServicer(pb_grpc.TeacherServicer):
     ) -> AsyncIterator[pb.ScoreResponse]:
         """Every request is scored concurrently; responses go out as they complete, errors included."""
         client = self.client(context)
-        # (response, release of its in-flight slot), _WAKE, or None when the client is done sending
+        # (response, release of its in-flight and compute slots), _WAKE, or None when the client is done sending
         responses: asyncio.Queue = asyncio.Queue()
         window = asyncio.Semaphore(self._stream_window)  # requests read whose responses are not sent yet
+        computing = asyncio.Semaphore(self._stream_compute_window)  # of those, submitted to the scheduler
         in_flight: dict[str, asyncio.Task] = {}
 
         async def answer(request: pb.ScoreRequest) -> None:
             try:
+                await computing.acquire()  # wait, read but not queued, until a computed response was sent
                 try:
-                    outcome = await self._score(request, client, "ScoreStream", hold_slot=True)
+                    response, release = await self._score(request, client, "ScoreStream", hold_slot=True)
                 except ServiceError as error:
-                    outcome = _error_response(request.id, error), _nothing
-                responses.put_nowait(outcome)
+                    response, release = _error_response(request.id, error), _nothing
+                except BaseException:
+                    computing.release()
+                    raise
+                responses.put_nowait((response, _both(release, computing.release)))
             finally:
                 del in_flight[request.id]
 
