@@ -4,7 +4,8 @@
 - Teachers (``scale.teachers``, one family): pre-trained for ``teacher_pretrain_steps`` on the pre-training
   text, warming up over the first 5 % of them (the **lm** task's teacher), then fine-tuned with SFT on the
   instruction pairs for ``teacher_sft_steps`` (the **instruction** task's teacher, like the paper's SFT
-  teachers). Every size gets the same steps, batches and learning rate: the sizes differ in nothing else.
+  teachers). Every size gets the same steps and batches, and the students' learning rate unless
+  ``scale.teacher_lr`` gives the size a lower one (as model families lower it with size).
 - Student: ``scale.student`` dims, from a short common pre-training (``student_pretrain_steps``) on the same
   text; every run of the grid starts from these weights.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,9 +58,11 @@ class Assets:
         return sum(p.numel() for p in model.parameters())
 
 
-def build_assets(scale: Scale, cache: Path | None = None, threads: int = 2) -> Assets:
-    """Build (or reuse) the data, tokenizer, student initialisation and teachers of ``scale`` under
-    ``<cache>/experiments/<scale.name>-<scale.build_key()>/``; each model is written atomically."""
+def build_assets(scale: Scale, cache: Path | None = None, threads: int = 2, sizes: Iterable[str] | None = None
+                 ) -> Assets:
+    """Build (or reuse) the data, tokenizer, student initialisation and teachers of ``scale`` (those of
+    ``sizes`` only, when given) under ``<cache>/experiments/<scale.name>-<scale.build_key()>/``; each model is
+    written atomically."""
     root = (cache or cache_dir()) / "experiments" / f"{scale.name}-{scale.build_key()}"
     data = prepare_tasks(root / "data", lm_source=scale.lm_source, max_pairs=scale.max_pairs)
     previous_threads = torch.get_num_threads()
@@ -73,7 +77,7 @@ def build_assets(scale: Scale, cache: Path | None = None, threads: int = 2) -> A
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         ids = None
 
-        def pretrained(directory: Path, dims: dict, seed: int, steps: int) -> Path:
+        def pretrained(directory: Path, dims: dict, seed: int, steps: int, lr: float) -> Path:
             nonlocal ids
             if not directory.is_dir():
                 if ids is None:
@@ -81,24 +85,29 @@ def build_assets(scale: Scale, cache: Path | None = None, threads: int = 2) -> A
                 log.info("pre-training %s (%s) for %d steps", directory.name, dims, steps)
                 model = build_model(scale.family, len(tokenizer), dims, seed)
                 pretrain(model, random_batches(ids, scale.batch_size, scale.seq_len, seed), steps,
-                         OptimConfig(lr=scale.lr, warmup=max(20, steps // 20)))
+                         OptimConfig(lr=lr, warmup=max(20, steps // 20)))
                 with atomic_dir(directory) as tmp:
                     save_model(model, tmp, tokenizer=tokenizer, model_id=directory.name)
             return directory
 
-        student_init = pretrained(root / "student_init", scale.student, 1, scale.student_pretrain_steps)
+        student_init = pretrained(root / "student_init", scale.student, 1, scale.student_pretrain_steps, scale.lr)
         teachers = {}
         for size, dims in scale.teachers.items():
-            teachers[("lm", size)] = pretrained(root / f"teacher-lm-{size}", dims, 0, scale.teacher_pretrain_steps)
+            if sizes is not None and size not in sizes:
+                continue
+            recipe, key = scale.teacher_recipe(size), scale.teacher_key(size)
+            teachers[("lm", size)] = pretrained(root / f"teacher-lm-{size}-{key}", dims, 0, recipe["pretrain_steps"],
+                                                recipe["lr"])
             if "instruction" in scale.tasks:
                 teachers[("instruction", size)] = fine_tuned(scale, data, teachers[("lm", size)],
-                                                             root / f"teacher-instruction-{size}", threads)
+                                                             root / f"teacher-instruction-{size}-{key}", recipe["lr"],
+                                                             threads)
     finally:
         torch.set_num_threads(previous_threads)
     return Assets(root, data, tokenizer_dir, student_init, teachers)
 
 
-def fine_tuned(scale: Scale, data: TaskData, pretrained: Path, directory: Path, threads: int) -> Path:
+def fine_tuned(scale: Scale, data: TaskData, pretrained: Path, directory: Path, lr: float, threads: int) -> Path:
     """SFT of a pre-trained teacher on the instruction task's training pairs (the training job itself, loss
     ``sft``); its ``final/`` model directory."""
     final = directory / "final"
@@ -107,7 +116,7 @@ def fine_tuned(scale: Scale, data: TaskData, pretrained: Path, directory: Path, 
         config = TrainConfig(
             student=pretrained, output_dir=directory, run_name=directory.name,
             data=DataConfig(kind="instruction", train=[data.instruction["train"]], seq_len=scale.seq_len),
-            loss=LossConfig(name="sft"), optim=OptimConfig(lr=scale.lr), batch_size=scale.batch_size,
+            loss=LossConfig(name="sft"), optim=OptimConfig(lr=lr), batch_size=scale.batch_size,
             max_steps=scale.teacher_sft_steps, save_every=0, keep_checkpoints=1, threads=threads, progress=False,
         )  # fmt: skip
         train(config)
@@ -168,14 +177,16 @@ def write_model_results(scale: Scale, assets: Assets, results_dir: Path) -> None
     out = Path(results_dir) / "teachers"
     out.mkdir(parents=True, exist_ok=True)
     for task in scale.tasks:
-        for size in [*scale.teachers, "student_init"]:
+        for size in [*(size for size in scale.teachers if (task, size) in assets.teachers), "student_init"]:
             path = out / f"{task}-{size}.json"
-            if path.is_file() and json.loads(path.read_text()).get("build") == scale.build_key():
+            build = scale.build_key() if size == "student_init" else scale.teacher_key(size)
+            if path.is_file() and json.loads(path.read_text()).get("build") == build:
                 continue
             directory = assets.student_init if size == "student_init" else assets.teachers[(task, size)]
             model = load_model(directory)
             record = {"task": task, "size": size, "params": sum(p.numel() for p in model.parameters()),
-                      "build": scale.build_key(), "test": evaluate_model(model, tokenizer, scale, task, assets.data)}
+                      "build": build, "recipe": None if size == "student_init" else scale.teacher_recipe(size),
+                      "test": evaluate_model(model, tokenizer, scale, task, assets.data)}
             if size != "student_init":
                 validation = split_examples(scale, task, assets.data, tokenizer, "validation")
                 record["unc"] = uncertainty_histogram(model, validation)

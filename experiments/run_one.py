@@ -36,7 +36,7 @@ def write_atomic(path: Path, record: dict) -> None:
 
 def run_one(grid: str, run: Run, *, teacher_address: str | None, output_dir: Path, result_path: Path) -> dict:
     scale = GRIDS[grid]
-    assets = build_assets(scale)  # built by the sweep before: here only found
+    assets = build_assets(scale, sizes=[run.teacher] if run.teacher else [])  # built by the sweep: only found
     config = run.config(scale, student=assets.student_init, data=assets.data.files(run.task), output_dir=output_dir,
                         teacher_address=teacher_address)
     start = time.perf_counter()

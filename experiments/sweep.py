@@ -105,10 +105,10 @@ def main(argv=None) -> int:
         return 0
 
     start = time.perf_counter()
-    assets = build_assets(scale)
-    write_model_results(scale, assets, results)
     pending = [r for r in planned if not finished(r, scale, results)
                and (not args.only or any(fnmatch.fnmatch(r.run_id, pattern) for pattern in args.only))]
+    assets = build_assets(scale, sizes=None if not args.only else {r.teacher for r in pending})
+    write_model_results(scale, assets, results)
     log.info("%d of %d planned runs to do", len(pending), len(planned))
     failed = sweep(scale, assets, pending, results, args.jobs)
     seconds = time.perf_counter() - start

@@ -4,6 +4,7 @@ resumed and partly rerun. The claims themselves are checked by the full grid (do
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -139,3 +140,16 @@ def test_the_smoke_grid_runs_end_to_end_resumes_and_reruns_only_a_changed_run(tm
     changed.write_text(json.dumps({**record, "config_hash": "another grid"}))
     assert f"1 of {len(planned)} planned runs to do" in sweep(tmp_path)
     assert json.loads(changed.read_text())["config_hash"] == record["config_hash"]
+
+
+def test_a_teachers_recipe_reruns_its_runs_only_and_the_grids_extent_reruns_none():
+    scale = GRIDS["full"]
+    runs = planned_runs(scale)
+    hashes = {r.run_id: r.config_hash(scale) for r in runs}
+    slower = dataclasses.replace(scale, teacher_lr={**scale.teacher_lr, "t16": 5e-4})
+    changed = {r.run_id for r in runs if r.config_hash(slower) != hashes[r.run_id]}
+    assert changed == {r.run_id for r in runs if r.teacher == "t16"}
+    fewer = dataclasses.replace(scale, seeds=(0,), methods=("sft", "fkl"), ablations=())
+    assert all(r.config_hash(fewer) == hashes[r.run_id] for r in planned_runs(fewer))
+    longer = dataclasses.replace(scale, steps=scale.steps + 1)
+    assert all(r.config_hash(longer) != hashes[r.run_id] for r in runs)
