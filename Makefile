@@ -17,6 +17,10 @@ $(VENV)/.installed-dev: $(VENV)/.installed-run
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
+$(VENV)/.installed-report: $(VENV)/.installed-run
+	$(PY) -m pip install --quiet -e '.[report]'
+	touch $@
+
 install: $(VENV)/.installed-dev
 
 demo: $(VENV)/.installed-run
@@ -39,8 +43,8 @@ bench: $(VENV)/.installed-dev
 	$(PY) -m bench.student_pipeline --steps 30 --rounds 2
 	$(PY) -m bench.ray_throughput --rounds 7
 
-experiments: $(VENV)/.installed-dev
+experiments: $(VENV)/.installed-report
 	$(PY) -m experiments
 
-experiments-quick: $(VENV)/.installed-dev
+experiments-quick: $(VENV)/.installed-report
 	$(PY) -m experiments --quick

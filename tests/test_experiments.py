@@ -84,13 +84,17 @@ def test_runs_differ_only_in_loss_teacher_and_source():
     common = dict(student=Path("s"), data={"train": Path("t"), "validation": Path("v")}, output_dir=Path("o"))
     configs = {method: Run("instruction", None if method == "sft" else "t4", method, 1).config(
         scale, teacher_address="127.0.0.1:1", **common).model_dump() for method in METHODS}
-    varying = {"loss", "teacher", "run_name"}
+    varying = {"loss", "teacher", "run_name"}  # teacher: none for sft, and the tail samples (below)
     for config in configs.values():
         assert {k: v for k, v in config.items() if k not in varying and k != "data"} == \
             {k: v for k, v in configs["sft"].items() if k not in varying and k != "data"}
         assert {**config["data"], "source": None} == {**configs["sft"]["data"], "source": None}
-    assert configs["fkl_atkd"]["loss"] == {"name": "atkd", "options": {"base": "forward", "lam": 0.2,
-                                                                       "split": "median", "hard_fraction": 0.5}}
+    assert configs["fkl_atkd"]["loss"] == {"name": "atkd", "options": {
+        "base": "forward", "lam": 0.2, "split": "median", "hard_fraction": 0.5, "tail_control_variate": True}}
+    assert configs["fkl"]["loss"] == {"name": "forward_kl", "options": {"tail_control_variate": True}}
+    assert configs["fkl"]["teacher"]["tail_samples"] == scale.tail_samples > 0
+    assert configs["rkl"]["loss"] == {"name": "reverse_kl", "options": {}}  # the tail as one exact bucket
+    assert configs["rkl"]["teacher"]["tail_samples"] == configs["gkd_atkd"]["teacher"]["tail_samples"] == 0
     assert configs["gkd"]["data"]["source"]["name"] == "mix" and configs["gkd"]["loss"]["name"] == "jsd"
     assert configs["rkl_atkd"]["loss"]["options"]["base"] == "reverse"
     hard = Run("instruction", "t4", "fkl_atkd", 0, (("hard_fraction", 0.3),)).loss()
