@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from experiments import grid
 from experiments.data import instruction_record, parse_entry, split_of
 from experiments.grid import GRIDS, METHODS, Run, planned_runs
 
@@ -90,10 +91,10 @@ def test_runs_differ_only_in_loss_teacher_and_source():
             {k: v for k, v in configs["sft"].items() if k not in varying and k != "data"}
         assert {**config["data"], "source": None} == {**configs["sft"]["data"], "source": None}
     assert configs["fkl_atkd"]["loss"] == {"name": "atkd", "options": {
-        "base": "forward", "lam": 0.2, "split": "median", "hard_fraction": 0.5, "tail_control_variate": True}}
-    assert configs["fkl"]["loss"] == {"name": "forward_kl", "options": {"tail_control_variate": True}}
+        "base": "forward", "lam": 0.2, "split": "median", "hard_fraction": 0.5}}
     assert configs["fkl"]["teacher"]["tail_samples"] == scale.tail_samples > 0
-    assert configs["rkl"]["loss"] == {"name": "reverse_kl", "options": {}}  # the tail as one exact bucket
+    assert configs["rkl"]["loss"] == {"name": "reverse_kl", "options": {}}
+    # the tail as one exact bucket
     assert configs["rkl"]["teacher"]["tail_samples"] == configs["gkd_atkd"]["teacher"]["tail_samples"] == 0
     assert configs["gkd"]["data"]["source"]["name"] == "mix" and configs["gkd"]["loss"]["name"] == "jsd"
     assert configs["rkl_atkd"]["loss"]["options"]["base"] == "reverse"
@@ -157,3 +158,12 @@ def test_a_teachers_recipe_reruns_its_runs_only_and_the_grids_extent_reruns_none
     assert all(r.config_hash(fewer) == hashes[r.run_id] for r in planned_runs(fewer))
     longer = dataclasses.replace(scale, steps=scale.steps + 1)
     assert all(r.config_hash(longer) != hashes[r.run_id] for r in runs)
+
+
+def test_a_change_to_a_methods_loss_options_reruns_its_runs(monkeypatch):
+    scale = GRIDS["full"]
+    runs = planned_runs(scale)
+    hashes = {r.run_id: r.config_hash(scale) for r in runs}
+    monkeypatch.setattr(grid, "ATKD_DEFAULTS", {**grid.ATKD_DEFAULTS, "lam": 0.3})
+    changed = {r.run_id for r in runs if r.config_hash(scale) != hashes[r.run_id]}
+    assert changed == {r.run_id for r in runs if r.method.endswith("_atkd") and not dict(r.ablation).get("lam")}
