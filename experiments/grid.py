@@ -10,8 +10,8 @@ forward / reverse KL to the teacher), ``gkd`` (GKD: on-policy mix, half of each 
 samples, with the generalised JSD at beta 0.5; instruction task only), and ``X_atkd`` for each: ATKD
 with X as its base divergence (lam 0.2, median split, as the paper). Every teacher method reads the top-64
 log-probs, the exact target log-prob and tail mass; the forward-KL ones also tail samples (``SAMPLED_TAIL``,
-where the reason is measured). The ablations vary ATKD's hard-token
-fraction (top-k split) and lam for ``fkl_atkd`` with the middle teacher on the instruction task.
+where the reason is measured). The ablations vary ATKD's hard-token fraction (top-k split) and lam for
+``fkl_atkd`` with the middle teacher on the instruction task.
 """
 
 from __future__ import annotations
