@@ -14,6 +14,7 @@ import itertools
 import json
 import logging
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -37,9 +38,11 @@ def finished(run: Run, scale: Scale, results: Path) -> bool:
 
 
 def run_process(grid: str, run: Run, address: str | None, results: Path, work: Path) -> tuple[Run, int, str]:
-    """One run as a child process (:mod:`experiments.run_one`); (run, exit status, tail of its log)."""
+    """One run as a child process (:mod:`experiments.run_one`); (run, exit status, tail of its log). A run
+    starts from scratch: what an interrupted attempt left in its output directory is removed first."""
     output_dir = work / "runs" / run.run_id
-    output_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(output_dir, ignore_errors=True)
+    output_dir.mkdir(parents=True)
     command = [sys.executable, "-m", "experiments.run_one", "--grid", grid, "--run", json.dumps(asdict(run)),
                "--output-dir", str(output_dir), "--result", str(results / "runs" / f"{run.run_id}.json")]
     if address is not None:
