@@ -44,6 +44,7 @@ from atkd.student.trainer.cli import export_cache
 from atkd.student.trainer.loop import train
 from atkd.student.trainer.parts import build_teacher, load_examples, load_tokenizer
 from tests.teacher_harness import wait_until
+from tests.test_fused_head import without_key_bias
 from tests.test_trainer import REPO, run_config
 
 STEPS = 12
@@ -101,12 +102,12 @@ def assert_same_weights(expected: dict[str, torch.Tensor], directory: Path) -> N
         assert torch.equal(expected[name], actual[name]), f"{name} differs from the fault-free run"
 
 
-def assert_every_step_once(config) -> None:
+def assert_every_step_once(config, world: int = 1) -> None:
     """The run's metrics name each step 1..STEPS exactly once, and the tokens of exactly STEPS steps."""
     records = [json.loads(line) for line in (config.output_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if r["kind"] == "train"]
     assert [r["step"] for r in steps] == list(range(1, STEPS + 1))
-    assert steps[-1]["tokens"] == STEPS * 4 * 32
+    assert steps[-1]["tokens"] == STEPS * world * 4 * 32
 
 
 def assert_same_signal_from(first: str, second: str) -> None:
@@ -302,6 +303,44 @@ def test_past_the_budget_the_run_stops_with_a_clear_error_and_a_checkpoint_that_
     assert_every_step_once(config)
     assert_same_weights(reference, config.output_dir / "final")
 
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_under_torchrun_one_ranks_teacher_failing_stops_every_rank_at_one_step_with_a_checkpoint(
+        tmp_path, corpus, student, tiny_model_dir, healthy, parallel):
+    """Two torchrun ranks (DDP, FSDP2); rank 1's own replica is SIGKILLed before its micro-batch 5
+    (tests/torchrun_teacher_fault.py), rank 0's stays healthy. Both ranks stop at step 6 with exit status 4,
+    rank 0 names rank 1 and writes the checkpoint of step 5, and ``--resume`` on the healthy replica ends where
+    a fault-free run does. Fails on the code before this change: rank 1 left alone, torchrun killed rank 0
+    (which had gone on to the gradient all-reduce), and no checkpoint was written."""
+    config = run_config(tmp_path, corpus, student, {**TEACHER, "addresses": [healthy.address], "retry_budget_s": 1.5},
+                        max_steps=STEPS, save_every=0, threads=1, parallel=parallel, **{"data.eval": []})
+    config_file = tmp_path / "run.json"
+    config_file.write_text(config.model_dump_json())
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
+    with victim(tiny_model_dir) as lost:
+        env = {**os.environ, "ATKD_TEST_RANK1_TEACHER": lost.address, "ATKD_TEST_RANK1_PID": str(lost.process.pid),
+               "ATKD_TEST_FAULT_AT": str(FAULT_AT)}
+        failed = subprocess.run([*torchrun, "tests.torchrun_teacher_fault", "train", "--config", str(config_file)],
+                                cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert failed.returncode != 0
+    assert ("teacher failed: UNAVAILABLE: no teacher replica answered the Score call within its retry budget of "
+            f"1.5 s (replicas: {lost.address};") in failed.stderr  # rank 1
+    assert "teacher failed: UNAVAILABLE: the teacher of rank 1 failed for good" in failed.stderr  # rank 0
+    checkpoint = config.output_dir / "checkpoints" / "step-00000005"
+    assert f"the run stopped at its checkpoint {checkpoint}" in failed.stderr and checkpoint.is_dir()
+
+    resumed = subprocess.run([*torchrun, "atkd.student.trainer.cli", "train", "--config", str(config_file),
+                              "--resume"], cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_every_step_once(config, world=2)
+    # 2 ranks x 4 examples take the steps of 1 process x 4 examples x 2 accumulation steps (test_trainer)
+    single = train(run_config(tmp_path / "single", corpus, student, {**TEACHER, "addresses": [healthy.address]},
+                              max_steps=STEPS, save_every=0, threads=1, grad_accum=2, **{"data.eval": []}))
+    expected, actual = weights_of(single.final_dir), weights_of(config.output_dir / "final")
+    assert max((without_key_bias(name, expected[name]) - without_key_bias(name, actual[name])).abs().max().item()
+               for name in expected) < 1e-4  # the key bias: rounding noise that Adam scales up (test_fused_head)
 
 # --- replica health ------------------------------------------------------------------------------------
 

@@ -25,7 +25,9 @@ with a checkpoint (all ranks agree on the step), and ``resume`` continues from t
 nothing had happened; resuming with another ``max_steps`` redraws the cosine and says so in a warning.
 A teacher that fails for good (no replica answered within the client's retry budget) stops the run too:
 the checkpoint of the last completed step is written (the step it failed in is dropped whole: weights,
-optimizer and RNG are as they were at its start) and named in the raised ``TeacherError.checkpoint``.
+optimizer and RNG are as they were at its start) and named in the raised ``TeacherError.checkpoint``. Under
+``torchrun`` the ranks agree on it before each micro-batch's forward (one all-reduce of a flag), so a failure
+of one rank's teacher stops every rank at the same step instead of leaving the others in the gradient all-reduce.
 
 The teacher is built only for a loss that reads it (not for ``sft``), and asked for exactly the
 micro-batches of the run: prefetch stops at the last step's. Torch threads: ``threads``, or a choice from
@@ -45,6 +47,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import grpc
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
@@ -182,7 +185,7 @@ def _train(config: TrainConfig, resume: bool | Path, stop_at: int | None, train_
             step_start, waited = time.perf_counter(), 0.0
             boundary = _StepBoundary(state)
             for micro in range(config.grad_accum):
-                batch, teacher_output, wait_s = next(stream)
+                batch, teacher_output, wait_s = _next_agreed(stream, world if teacher else 1, device, rank)
                 waited += wait_s
                 sync = micro == config.grad_accum - 1 or world == 1
                 with _gradient_sync(trained, sync):
@@ -227,12 +230,13 @@ def _train(config: TrainConfig, resume: bool | Path, stop_at: int | None, train_
                 log.info("%s: stopping at step %d (checkpoint saved): resume to continue", why, state.step)
                 return TrainResult(state, None, result_eval, stopped_early=True)
     except TeacherError as error:
-        if is_main:
-            boundary.restore(optimizer)
+        boundary.restore(optimizer)
+        if is_main or sharded:  # sharded: a collective, and every rank has agreed to stop (_next_agreed)
             found = list_checkpoints(output_dir)
             error.checkpoint = found[-1] if found and _step_of(found[-1]) == boundary.state.step else save_checkpoint(
                 output_dir, model, optimizer, schedule, boundary.state, config.keep_checkpoints, tokenizer=tokenizer,
-                run_name=config.name)
+                run_name=config.name, sharded=sharded)
+        if is_main:
             log.error("the teacher failed in step %d: %s. Checkpoint of step %d: %s; once the teacher serves again, "
                       "run the same command with --resume", boundary.state.step + 1, error, boundary.state.step,
                       error.checkpoint)
@@ -314,6 +318,34 @@ class _StepBoundary:
 
 def _step_of(checkpoint: Path) -> int:
     return int(checkpoint.name.removeprefix(PREFIX))
+
+
+def _next_agreed(stream, world: int, device: torch.device, rank: int):
+    """``next(stream)``; under DDP / FSDP every rank learns whether any rank's teacher failed for good
+    (an all-reduce of the flag per micro-batch, before the forward), so that all stop at the same step.
+
+    Without it a rank whose teacher failed leaves the run alone while the others go on to the backward's
+    gradient all-reduce, where they wait until torchrun kills them (or the process group's timeout), and
+    rank 0, which writes the checkpoint, never learns why."""
+    try:
+        item, error = next(stream), None
+    except TeacherError as failed:
+        item, error = None, failed
+    if world == 1:
+        if error is not None:
+            raise error
+        return item
+    failed_ranks = torch.zeros(world, device=device)
+    failed_ranks[rank] = float(error is not None)
+    dist.all_reduce(failed_ranks)
+    failed = [r for r, flag in enumerate(failed_ranks.tolist()) if flag]
+    if error is not None:
+        raise error
+    if failed:
+        raise TeacherError(grpc.StatusCode.UNAVAILABLE,
+                           f"the teacher of rank{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))} "
+                           "failed for good (its error is in that rank's log); every rank stops at this step")
+    return item
 
 
 def _no_teacher(batches):
