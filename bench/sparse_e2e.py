@@ -13,11 +13,12 @@ the ATKD loss w.r.t. the student's parameters on the signal and on dense logits 
 student, held-out batches, fresh draws). ``--report`` aggregates result files over seeds: mean +- std.
 
 Signals: ``dense``; ``kK`` (top-K buckets) and ``kKmM`` (+ M systematic tail samples) as before; and
-``ESTIMATOR[+adaptive][+cv]@BYTES[/CODEC]``: a tail estimator of :data:`atkd.proto.signal.TAIL_ESTIMATORS`
+``ESTIMATOR[+adaptive][+cv][+ids]@BYTES[/CODEC]``: a tail estimator of :data:`atkd.proto.signal.TAIL_ESTIMATORS`
 at a budget of BYTES per token (codec fp16 by default). The budget fixes k (64 from 300 bytes up, else
 32; 0 for rskd) and the number of samples: the most that fit (for rskd, the most draws whose distinct
 tail tokens fit on average, calibrated on the first batch). ``+adaptive`` splits the samples per position
-by tail mass; ``+cv`` adds the student's tail as a control variate in the loss.
+by tail mass; ``+cv`` adds the student's tail as a control variate in the loss; ``+ids`` sends the samples'
+ids without their log-probs, and one exact tail mean per position (``tail_ids_only``).
 
 Teachers: ``flat`` (the demo teacher) or ``confident`` (bench.confident_teacher's; ``--temperature``
 sharpens either).
@@ -60,11 +61,13 @@ class SignalSpec:
     estimator: str = "systematic"
     adaptive: bool = False
     control_variate: bool = False
+    ids_only: bool = False
     codec: str = "fp16"
     budget: int | None = None
 
     def compress_options(self) -> dict:
-        return dict(tail_samples=self.samples, tail_estimator=self.estimator, adaptive_tail=self.adaptive)
+        return dict(tail_samples=self.samples, tail_estimator=self.estimator, adaptive_tail=self.adaptive,
+                    tail_ids_only=self.ids_only)
 
 
 def parse_spec(spec: str) -> SignalSpec:
@@ -73,20 +76,20 @@ def parse_spec(spec: str) -> SignalSpec:
     match = re.fullmatch(r"k(\d+)(?:m(\d+))?", spec)
     if match:
         return SignalSpec(spec, k=int(match[1]), samples=int(match[2] or 0))
-    match = re.fullmatch(r"([a-z]+)((?:\+(?:adaptive|cv))*)@(\d+)(?:/(fp16|q8))?", spec)
+    match = re.fullmatch(r"([a-z]+)((?:\+(?:adaptive|cv|ids))*)@(\d+)(?:/(fp16|q8))?", spec)
     if not match or match[1] not in TAIL_ESTIMATORS:
-        raise ValueError(f"bad signal spec {spec!r}: use dense, kK, kKmM or ESTIMATOR[+adaptive][+cv]@BYTES[/CODEC] "
-                         f"with ESTIMATOR in {TAIL_ESTIMATORS}")
+        raise ValueError(f"bad signal spec {spec!r}: use dense, kK, kKmM or "
+                         f"ESTIMATOR[+adaptive][+cv][+ids]@BYTES[/CODEC] with ESTIMATOR in {TAIL_ESTIMATORS}")
     budget = int(match[3])
     estimator = match[1]
     return SignalSpec(spec, k=0 if estimator == "rskd" else 64 if budget >= 300 else 32, estimator=estimator,
-                      adaptive="+adaptive" in match[2], control_variate="+cv" in match[2],
+                      adaptive="+adaptive" in match[2], control_variate="+cv" in match[2], ids_only="+ids" in match[2],
                       codec=match[4] or "fp16", budget=budget)
 
 
 def fixed_bytes(spec: SignalSpec, vocab: int, samples: int) -> float:
     """Bytes per token of a fixed-size estimator with ``samples`` samples (the adaptive one: their mean)."""
-    size = payload_bytes(spec.codec, spec.k, vocab, samples)
+    size = payload_bytes(spec.codec, spec.k, vocab, samples, tail_ids_only=spec.ids_only)
     if spec.estimator == "priority":
         size += 4 if spec.codec == "fp16" else 2  # the log-threshold per position
     elif spec.estimator == "gumbel":

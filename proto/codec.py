@@ -129,10 +129,13 @@ def message_payload_bytes(message) -> int:
                if field.message_type is not None)
 
 
-def payload_bytes(codec: str, k: int, vocab_size: int, tail_samples: int = 0) -> int:
-    """Bytes of tensor data per scored position (message framing adds a constant per response)."""
+def payload_bytes(codec: str, k: int, vocab_size: int, tail_samples: int = 0, tail_ids_only: bool = False) -> int:
+    """Bytes of tensor data per scored position (message framing adds a constant per response); ``tail_ids_only``:
+    the samples' ids and one tail mean (:func:`~atkd.proto.signal.compress`)."""
     ids = np.dtype(_NUMPY[id_dtype(vocab_size)]).itemsize
     per_codec = {"fp16": ids * k + 2 * k + 16, "q8": ids * k + 2 * min(k, 2) + max(k - 2, 0) + 5}
+    if tail_ids_only:
+        return per_codec[codec] + ids * tail_samples + (4 if codec == "fp16" else 2) * bool(tail_samples)
     return per_codec[codec] + (ids + 2) * tail_samples
 
 
@@ -189,7 +192,12 @@ def _encode_tail(signal: TeacherSignal, codec: str, ids: int) -> pb.TailSamples:
         wide = counts.size and counts.max() > 255
         message.counts.CopyFrom(encode_tensor(counts, pb.DTYPE_UINT16 if wide else pb.DTYPE_UINT8))
     message.ids.CopyFrom(encode_tensor(columns["ids"], ids))
-    message.logprobs.CopyFrom(encode_tensor(_float16_range(columns["logprobs"]), pb.DTYPE_FLOAT16))
+    if signal.tail_mean_logprob is not None:  # ids only: one exact tail mean per position instead
+        dtype = pb.DTYPE_FLOAT32 if codec == "fp16" else pb.DTYPE_FLOAT16
+        message.mean_logprob.CopyFrom(encode_tensor(_float16_range(signal.tail_mean_logprob)
+                                                    if codec == "q8" else signal.tail_mean_logprob, dtype))
+    else:
+        message.logprobs.CopyFrom(encode_tensor(_float16_range(columns["logprobs"]), pb.DTYPE_FLOAT16))
     if signal.tail_log_threshold is not None:  # priority sampling: the weights follow from tau
         dtype = pb.DTYPE_FLOAT32 if codec == "fp16" else pb.DTYPE_FLOAT16
         message.log_threshold.CopyFrom(encode_tensor(signal.tail_log_threshold, dtype))
@@ -201,9 +209,16 @@ def _encode_tail(signal: TeacherSignal, codec: str, ids: int) -> pb.TailSamples:
 def _decode_tail(message: pb.TailSamples, num_positions: int, tail_logprob: torch.Tensor) -> dict:
     """TeacherSignal fields of a TailSamples message: padded ``[N, max count]`` when it is ragged."""
     ids = _read(message.ids, np.int64)
-    logprobs = _read(message.logprobs)
+    fields, mean = {}, None
+    if message.HasField("mean_logprob"):  # ids only: every sample of a position carries the tail mean
+        if message.HasField("logprobs") or message.HasField("log_threshold"):
+            raise ValueError("tail samples with mean_logprob carry no logprobs and no log_threshold")
+        mean = _read(message.mean_logprob).astype(np.float32)
+        if mean.shape != (num_positions,):
+            raise ValueError(f"tail samples: mean_logprob {mean.shape} must be [{num_positions}]")
+        fields["tail_mean_logprob"] = torch.from_numpy(mean)
+    logprobs = _read(message.logprobs) if mean is None else np.zeros(ids.shape, np.float32)
     explicit = _read(message.weights) if message.HasField("weights") else None
-    fields = {}
     if message.HasField("counts"):
         counts = _read(message.counts, np.int64)
         if counts.shape != (num_positions,) or counts.sum() != ids.shape[0] or ids.shape != logprobs.shape:
@@ -212,6 +227,10 @@ def _decode_tail(message: pb.TailSamples, num_positions: int, tail_logprob: torc
         used = np.arange(int(counts.max(initial=0))) < counts[:, None]
         ids, logprobs, explicit = (_unflatten(column, used) for column in (ids, logprobs, explicit))
         fields["tail_sample_counts"] = torch.from_numpy(counts)
+    if mean is not None:
+        if ids.ndim != 2 or ids.shape[0] != num_positions:
+            raise ValueError(f"tail samples: ids {ids.shape} must be [{num_positions}, m]")
+        logprobs = np.ascontiguousarray(np.broadcast_to(mean[:, None], ids.shape))
     weights = None
     fields["tail_sample_ids"] = torch.from_numpy(ids)
     fields["tail_sample_logprobs"] = torch.from_numpy(logprobs)

@@ -13,6 +13,10 @@ whose next token g (the *target*) is known:
   (i outside top-k ∪ {g}, mass P_tail) with their exact log p_i, and ``tail_sample_weights`` a_j such
   that  sum_j a_j f(j)  is an unbiased estimate of the tail mean  E_{i ~ p/P_tail} f(i)  for any f
   (None: a_j = 1/m). They let the student estimate tail terms without bias (see TAIL_ESTIMATORS).
+- or the samples' ids alone and ``tail_mean_logprob``  E_{i ~ p/P_tail} log p_i, exact
+  (``compress(..., tail_ids_only=True)``): ``tail_sample_logprobs`` then holds that mean at every
+  sample. A term linear in log p_i (forward KL: p_i (log p_i - log q_i)) keeps its expectation and its
+  gradient w.r.t. the student, which needs only which tokens were drawn; a sample costs half the bytes.
 
 This module is the contract between the teacher server and the student: both import it, it
 imports nothing of the project. Tensors carry the positions' shape ``P`` (usually ``[B, T]``) as
@@ -66,6 +70,7 @@ class TeacherSignal:
     tail_sample_weights: torch.Tensor | None = None
     tail_sample_counts: torch.Tensor | None = None
     tail_log_threshold: torch.Tensor | None = None
+    tail_mean_logprob: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         shape = self.target_logprob.shape
@@ -84,7 +89,7 @@ class TeacherSignal:
                                  f"{tuple(values.shape)} must both be {tuple(shape)} + [n]")
         for name, expected in (("tail_sample_weights", None if self.tail_sample_ids is None else
                                 self.tail_sample_ids.shape), ("tail_sample_counts", shape),
-                               ("tail_log_threshold", shape)):
+                               ("tail_log_threshold", shape), ("tail_mean_logprob", shape)):
             value = getattr(self, name)
             if value is None:
                 continue
@@ -161,6 +166,7 @@ def compress(
     chunk_size: int | None = None,
     tail_estimator: str = "systematic",
     adaptive_tail: bool = False,
+    tail_ids_only: bool = False,
 ) -> TeacherSignal:
     """Compress teacher logits ``[*P, V]`` into a :class:`TeacherSignal` for targets ``[*P]``.
 
@@ -181,6 +187,10 @@ def compress(
     P_tail / (1 - p_g) (the mass the DKD term sees), capped at :data:`MAX_ADAPTIVE_SAMPLES`; the
     signal then carries ``tail_sample_counts`` and zero-weight padding up to max m_i. The split depends
     on the chunk's positions (not on the samples' randomness).
+
+    ``tail_ids_only``: the samples' own log-probs are replaced by ``tail_mean_logprob`` = sum_{i in tail}
+    p_i log p_i / P_tail (0 where the tail is empty), the same at every sample of a position; not with
+    "priority" (its weights follow from the log-probs).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -194,6 +204,8 @@ def compress(
         raise ValueError(f"unknown tail_estimator {tail_estimator!r}; choose one of {TAIL_ESTIMATORS}")
     if tail_samples < 0:
         raise ValueError(f"tail_samples must be >= 0, got {tail_samples}")
+    if tail_ids_only and tail_estimator == "priority":
+        raise ValueError("tail_ids_only does not apply to priority sampling (its weights need the samples' log-probs)")
     if adaptive_tail and tail_estimator == "rskd":
         raise ValueError("adaptive_tail does not apply to rskd (its draws cover the whole distribution)")
     positions = targets.shape
@@ -236,7 +248,12 @@ def compress(
             else:
                 counts = None
             draws = TailDraws.sample(tail_estimator, masked, logp, tail, tail_samples, counts, generator, offsets)
-            for name, value in draws.fields().items():
+            fields = draws.fields()
+            if tail_ids_only:
+                mean = tail_mean_logprob(masked - log_norm, tail)
+                fields["tail_sample_logprobs"] = mean.unsqueeze(1).expand_as(fields["tail_sample_ids"]).clone()
+                fields["tail_mean_logprob"] = mean
+            for name, value in fields.items():
                 out[name].append(value)
 
     fields = {}
@@ -247,6 +264,14 @@ def compress(
             flat = torch.cat(parts)
             fields[name] = flat.reshape(*positions, *flat.shape[1:])
     return TeacherSignal(**fields)
+
+
+def tail_mean_logprob(tail_logp: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
+    """E_{i ~ p/P_tail} log p_i ``[n]`` from the log-probs ``[n, V]`` (-inf outside the tail) and log P_tail ``[n]``;
+    0 where the tail is empty."""
+    inside = torch.isfinite(tail_logp) & torch.isfinite(tail).unsqueeze(1)
+    within = (tail_logp - tail.unsqueeze(1)).exp()  # p_i / P_tail, without underflow for a small tail
+    return torch.where(inside, within * tail_logp, 0.0).sum(1)
 
 
 def adaptive_counts(share: torch.Tensor, mean_samples: int, tail_sizes: torch.Tensor) -> torch.Tensor:

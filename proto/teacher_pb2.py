@@ -24,21 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61tkd/proto/teacher.proto\x12\x0f\x61tkd.teacher.v1\"L\n\x06Tensor\x12%\n\x05\x64type\x18\x01 \x01(\x0e\x32\x16.atkd.teacher.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\r\n\x0bInfoRequest\"\xbe\x02\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x16\n\x0emodel_revision\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x16\n\x0etokenizer_hash\x18\x04 \x01(\t\x12\x1b\n\x13max_sequence_length\x18\x05 \x01(\x05\x12\x18\n\x10max_batch_tokens\x18\x06 \x01(\x05\x12\x11\n\tmax_top_k\x18\x07 \x01(\x05\x12\x18\n\x10max_tail_samples\x18\x08 \x01(\x05\x12&\n\x06\x63odecs\x18\t \x03(\x0e\x32\x16.atkd.teacher.v1.Codec\x12\r\n\x05\x64type\x18\n \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0b \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x1e \x01(\x05\x12\x15\n\reos_token_ids\x18\x1f \x03(\x05\"\xb2\x02\n\x0cScoreRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0f\n\x07lengths\x18\x03 \x03(\x05\x12\x12\n\nscore_mask\x18\x04 \x03(\x08\x12\r\n\x05top_k\x18\x05 \x01(\r\x12%\n\x05\x63odec\x18\x06 \x01(\x0e\x32\x16.atkd.teacher.v1.Codec\x12\x13\n\x0btemperature\x18\x07 \x01(\x02\x12\x14\n\x0ctail_samples\x18\x08 \x01(\r\x12\x11\n\x04seed\x18\t \x01(\x04H\x00\x88\x01\x01\x12\x12\n\ntimeout_ms\x18\n \x01(\r\x12\x36\n\x0etail_estimator\x18\x14 \x01(\x0e\x32\x1e.atkd.teacher.v1.TailEstimator\x12\x15\n\radaptive_tail\x18\x15 \x01(\x08\x42\x07\n\x05_seed\"\x9f\x02\n\nFp16Signal\x12/\n\x0etarget_logprob\x18\x01 \x01(\x0b\x32\x17.atkd.teacher.v1.Tensor\x12)\n\x08topk_ids\x18\x02 \x01(\x0b\x32\x17.atkd.teacher.v1.Tensor\x12.\n\rtopk_logprobs\x18\x03 \x01(\x0b\x32\x17.atkd.teacher.v1.Tensor\x12-\n\x0ctail_logprob\x18\x04 \x01(\x0b\x32\x17.atkd.teacher.v1.Tensor\x12,\n\x0buncertainty\x18\x05 \x01(\x0b\x32\x17.atkd.teacher.v1.Tensor\x12(\n\x07\x65ntropy\x18\x06 \x01(\x0b\x32\x17.atkd.teacher.v1.Tensor\"\xa7\x02\n\x08Q8Signal\x12)\n\x08topk_ids\x18\x01 \x01(\x0b\x32\x17.atkd.teacher.v1.Tensor\x12\x33\n\x12topk_head_logprobs\x18\x02 \x01(\x0b\x32\x17.atkd.teacher.v1.Tensor\x12\x30\n\x0ftopk_rest_codes\x18\x03 \x01(\x0b\x32\x17.atkd.teacher.v1.Tensor\x12\x30\n\x0ftarget_log_odds\x18\x04 \x01(\x0b\x32\x17.atkd.teacher.v1.Tensor\x12-\n\x0ctail_logprob\x18\x05 \x01(\x0b\x32\x17.atkd.teacher.v1.Tensor\x12(\n\x07\x65ntropy\x18\x06 \x01(\x0b\x32\x17.atkd.teacher.v1.Tensor\"\xe1\x01\n\x0bTailSamples\x12$\n\x03ids\x18\x01 \x01(\x0b\x32\x17.atkd.teacher.v1.Tensor\x12)\n\x08logprobs\x18\x02 \x01(\x0b\x32\x17.atkd.teacher.v1.Tensor\x12\'\n\x06\x63ounts\x18\x03 \x01(\x0b\x32\x17.atkd.teacher.v1.Tensor\x12(\n\x07weights\x18\x04 \x01(\x0b\x32\x17.atkd.teacher.v1.Tensor\x12.\n\rlog_threshold\x18\x05 \x01(\x0b\x32\x17.atkd.teacher.v1.Tensor\"\xb4\x01\n\x06Signal\x12\x15\n\rnum_positions\x18\x01 \x01(\x05\x12+\n\x04\x66p16\x18\x02 \x01(\x0b\x32\x1b.atkd.teacher.v1.Fp16SignalH\x00\x12\'\n\x02q8\x18\x03 \x01(\x0b\x32\x19.atkd.teacher.v1.Q8SignalH\x00\x12\x32\n\x0ctail_samples\x18\x04 \x01(\x0b\x32\x1c.atkd.teacher.v1.TailSamplesB\t\n\x07payload\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"D\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x02\x12\x12\n\ncompute_ms\x18\x02 \x01(\x02\x12\x14\n\x0c\x62\x61tch_tokens\x18\x03 \x01(\x05\"\xba\x01\n\rScoreResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12)\n\x06signal\x18\x02 \x01(\x0b\x32\x17.atkd.teacher.v1.SignalH\x00\x12\'\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x16.atkd.teacher.v1.ErrorH\x00\x12\'\n\x06timing\x18\x04 \x01(\x0b\x32\x17.atkd.teacher.v1.Timing\x12\x16\n\x0emodel_revision\x18\x05 \x01(\tB\x08\n\x06result\"\x81\x02\n\x0fGenerateRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12\x16\n\x0eprompt_lengths\x18\x03 \x03(\x05\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\r\n\x05top_p\x18\x06 \x01(\x02\x12\r\n\x05top_k\x18\x07 \x01(\r\x12\x0e\n\x06greedy\x18\x08 \x01(\x08\x12\x16\n\x0estop_token_ids\x18\t \x03(\x05\x12\x13\n\x0bignore_stop\x18\n \x01(\x08\x12\x11\n\x04seed\x18\x0b \x01(\x04H\x00\x88\x01\x01\x12\x12\n\ntimeout_ms\x18\x0c \x01(\rB\x07\n\x05_seed\"\x9f\x01\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x34\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1d.atkd.teacher.v1.FinishReason\x12\'\n\x06timing\x18\x05 \x01(\x0b\x32\x17.atkd.teacher.v1.Timing*<\n\x05\x43odec\x12\x15\n\x11\x43ODEC_UNSPECIFIED\x10\x00\x12\x0e\n\nCODEC_FP16\x10\x01\x12\x0c\n\x08\x43ODEC_Q8\x10\x02*\x89\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x03\x12\x10\n\x0c\x44TYPE_UINT16\x10\x04\x12\x0f\n\x0b\x44TYPE_INT32\x10\x05\x12\x0f\n\x0b\x44TYPE_INT64\x10\x06*e\n\rTailEstimator\x12\x13\n\x0fTAIL_SYSTEMATIC\x10\x00\x12\x0c\n\x08TAIL_IID\x10\x01\x12\x11\n\rTAIL_PRIORITY\x10\x02\x12\x0f\n\x0bTAIL_GUMBEL\x10\x03\x12\r\n\tTAIL_RSKD\x10\x04*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xbb\x02\n\x07Teacher\x12\x43\n\x04Info\x12\x1c.atkd.teacher.v1.InfoRequest\x1a\x1d.atkd.teacher.v1.InfoResponse\x12\x46\n\x05Score\x12\x1d.atkd.teacher.v1.ScoreRequest\x1a\x1e.atkd.teacher.v1.ScoreResponse\x12P\n\x0bScoreStream\x12\x1d.atkd.teacher.v1.ScoreRequest\x1a\x1e.atkd.teacher.v1.ScoreResponse(\x01\x30\x01\x12Q\n\x08Generate\x12 .atkd.teacher.v1.GenerateRequest\x1a!.atkd.teacher.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61tkd/proto/teacher.proto\x12\x0f\x61tkd.teacher.v1\"L\n\x06Tensor\x12%\n\x05\x64type\x18\x01 \x01(\x0e\x32\x16.atkd.teacher.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\r\n\x0bInfoRequest\"\xbe\x02\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x16\n\x0emodel_revision\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x16\n\x0etokenizer_hash\x18\x04 \x01(\t\x12\x1b\n\x13max_sequence_length\x18\x05 \x01(\x05\x12\x18\n\x10max_batch_tokens\x18\x06 \x01(\x05\x12\x11\n\tmax_top_k\x18\x07 \x01(\x05\x12\x18\n\x10max_tail_samples\x18\x08 \x01(\x05\x12&\n\x06\x63odecs\x18\t \x03(\x0e\x32\x16.atkd.teacher.v1.Codec\x12\r\n\x05\x64type\x18\n \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0b \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x1e \x01(\x05\x12\x15\n\reos_token_ids\x18\x1f \x03(\x05\"\xc9\x02\n\x0cScoreRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0f\n\x07lengths\x18\x03 \x03(\x05\x12\x12\n\nscore_mask\x18\x04 \x03(\x08\x12\r\n\x05top_k\x18\x05 \x01(\r\x12%\n\x05\x63odec\x18\x06 \x01(\x0e\x32\x16.atkd.teacher.v1.Codec\x12\x13\n\x0btemperature\x18\x07 \x01(\x02\x12\x14\n\x0ctail_samples\x18\x08 \x01(\r\x12\x11\n\x04seed\x18\t \x01(\x04H\x00\x88\x01\x01\x12\x12\n\ntimeout_ms\x18\n \x01(\r\x12\x36\n\x0etail_estimator\x18\x14 \x01(\x0e\x32\x1e.atkd.teacher.v1.TailEstimator\x12\x15\n\radaptive_tail\x18\x15 \x01(\x08\x12\x15\n\rtail_ids_only\x18\x16 \x01(\x08\x42\x07\n\x05_seed\"\x9f\x02\n\nFp16Signal\x12/\n\x0etarget_logprob\x18\x01 \x01(\x0b\x32\x17.atkd.teacher.v1.Tensor\x12)\n\x08topk_ids\x18\x02 \x01(\x0b\x32\x17.atkd.teacher.v1.Tensor\x12.\n\rtopk_logprobs\x18\x03 \x01(\x0b\x32\x17.atkd.teacher.v1.Tensor\x12-\n\x0ctail_logprob\x18\x04 \x01(\x0b\x32\x17.atkd.teacher.v1.Tensor\x12,\n\x0buncertainty\x18\x05 \x01(\x0b\x32\x17.atkd.teacher.v1.Tensor\x12(\n\x07\x65ntropy\x18\x06 \x01(\x0b\x32\x17.atkd.teacher.v1.Tensor\"\xa7\x02\n\x08Q8Signal\x12)\n\x08topk_ids\x18\x01 \x01(\x0b\x32\x17.atkd.teacher.v1.Tensor\x12\x33\n\x12topk_head_logprobs\x18\x02 \x01(\x0b\x32\x17.atkd.teacher.v1.Tensor\x12\x30\n\x0ftopk_rest_codes\x18\x03 \x01(\x0b\x32\x17.atkd.teacher.v1.Tensor\x12\x30\n\x0ftarget_log_odds\x18\x04 \x01(\x0b\x32\x17.atkd.teacher.v1.Tensor\x12-\n\x0ctail_logprob\x18\x05 \x01(\x0b\x32\x17.atkd.teacher.v1.Tensor\x12(\n\x07\x65ntropy\x18\x06 \x01(\x0b\x32\x17.atkd.teacher.v1.Tensor\"\x90\x02\n\x0bTailSamples\x12$\n\x03ids\x18\x01 \x01(\x0b\x32\x17.atkd.teacher.v1.Tensor\x12)\n\x08logprobs\x18\x02 \x01(\x0b\x32\x17.atkd.teacher.v1.Tensor\x12\'\n\x06\x63ounts\x18\x03 \x01(\x0b\x32\x17.atkd.teacher.v1.Tensor\x12(\n\x07weights\x18\x04 \x01(\x0b\x32\x17.atkd.teacher.v1.Tensor\x12.\n\rlog_threshold\x18\x05 \x01(\x0b\x32\x17.atkd.teacher.v1.Tensor\x12-\n\x0cmean_logprob\x18\x06 \x01(\x0b\x32\x17.atkd.teacher.v1.Tensor\"\xb4\x01\n\x06Signal\x12\x15\n\rnum_positions\x18\x01 \x01(\x05\x12+\n\x04\x66p16\x18\x02 \x01(\x0b\x32\x1b.atkd.teacher.v1.Fp16SignalH\x00\x12\'\n\x02q8\x18\x03 \x01(\x0b\x32\x19.atkd.teacher.v1.Q8SignalH\x00\x12\x32\n\x0ctail_samples\x18\x04 \x01(\x0b\x32\x1c.atkd.teacher.v1.TailSamplesB\t\n\x07payload\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"D\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x02\x12\x12\n\ncompute_ms\x18\x02 \x01(\x02\x12\x14\n\x0c\x62\x61tch_tokens\x18\x03 \x01(\x05\"\xba\x01\n\rScoreResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12)\n\x06signal\x18\x02 \x01(\x0b\x32\x17.atkd.teacher.v1.SignalH\x00\x12\'\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x16.atkd.teacher.v1.ErrorH\x00\x12\'\n\x06timing\x18\x04 \x01(\x0b\x32\x17.atkd.teacher.v1.Timing\x12\x16\n\x0emodel_revision\x18\x05 \x01(\tB\x08\n\x06result\"\x81\x02\n\x0fGenerateRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12\x16\n\x0eprompt_lengths\x18\x03 \x03(\x05\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\r\n\x05top_p\x18\x06 \x01(\x02\x12\r\n\x05top_k\x18\x07 \x01(\r\x12\x0e\n\x06greedy\x18\x08 \x01(\x08\x12\x16\n\x0estop_token_ids\x18\t \x03(\x05\x12\x13\n\x0bignore_stop\x18\n \x01(\x08\x12\x11\n\x04seed\x18\x0b \x01(\x04H\x00\x88\x01\x01\x12\x12\n\ntimeout_ms\x18\x0c \x01(\rB\x07\n\x05_seed\"\x9f\x01\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x34\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1d.atkd.teacher.v1.FinishReason\x12\'\n\x06timing\x18\x05 \x01(\x0b\x32\x17.atkd.teacher.v1.Timing*<\n\x05\x43odec\x12\x15\n\x11\x43ODEC_UNSPECIFIED\x10\x00\x12\x0e\n\nCODEC_FP16\x10\x01\x12\x0c\n\x08\x43ODEC_Q8\x10\x02*\x89\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x03\x12\x10\n\x0c\x44TYPE_UINT16\x10\x04\x12\x0f\n\x0b\x44TYPE_INT32\x10\x05\x12\x0f\n\x0b\x44TYPE_INT64\x10\x06*e\n\rTailEstimator\x12\x13\n\x0fTAIL_SYSTEMATIC\x10\x00\x12\x0c\n\x08TAIL_IID\x10\x01\x12\x11\n\rTAIL_PRIORITY\x10\x02\x12\x0f\n\x0bTAIL_GUMBEL\x10\x03\x12\r\n\tTAIL_RSKD\x10\x04*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xbb\x02\n\x07Teacher\x12\x43\n\x04Info\x12\x1c.atkd.teacher.v1.InfoRequest\x1a\x1d.atkd.teacher.v1.InfoResponse\x12\x46\n\x05Score\x12\x1d.atkd.teacher.v1.ScoreRequest\x1a\x1e.atkd.teacher.v1.ScoreResponse\x12P\n\x0bScoreStream\x12\x1d.atkd.teacher.v1.ScoreRequest\x1a\x1e.atkd.teacher.v1.ScoreResponse(\x01\x30\x01\x12Q\n\x08Generate\x12 .atkd.teacher.v1.GenerateRequest\x1a!.atkd.teacher.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'atkd.proto.teacher_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CODEC']._serialized_start=2488
-  _globals['_CODEC']._serialized_end=2548
-  _globals['_DTYPE']._serialized_start=2551
-  _globals['_DTYPE']._serialized_end=2688
-  _globals['_TAILESTIMATOR']._serialized_start=2690
-  _globals['_TAILESTIMATOR']._serialized_end=2791
-  _globals['_FINISHREASON']._serialized_start=2793
-  _globals['_FINISHREASON']._serialized_end=2888
+  _globals['_CODEC']._serialized_start=2558
+  _globals['_CODEC']._serialized_end=2618
+  _globals['_DTYPE']._serialized_start=2621
+  _globals['_DTYPE']._serialized_end=2758
+  _globals['_TAILESTIMATOR']._serialized_start=2760
+  _globals['_TAILESTIMATOR']._serialized_end=2861
+  _globals['_FINISHREASON']._serialized_start=2863
+  _globals['_FINISHREASON']._serialized_end=2958
   _globals['_TENSOR']._serialized_start=45
   _globals['_TENSOR']._serialized_end=121
   _globals['_INFOREQUEST']._serialized_start=123
@@ -46,25 +46,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INFORESPONSE']._serialized_start=139
   _globals['_INFORESPONSE']._serialized_end=457
   _globals['_SCOREREQUEST']._serialized_start=460
-  _globals['_SCOREREQUEST']._serialized_end=766
-  _globals['_FP16SIGNAL']._serialized_start=769
-  _globals['_FP16SIGNAL']._serialized_end=1056
-  _globals['_Q8SIGNAL']._serialized_start=1059
-  _globals['_Q8SIGNAL']._serialized_end=1354
-  _globals['_TAILSAMPLES']._serialized_start=1357
-  _globals['_TAILSAMPLES']._serialized_end=1582
-  _globals['_SIGNAL']._serialized_start=1585
-  _globals['_SIGNAL']._serialized_end=1765
-  _globals['_ERROR']._serialized_start=1767
-  _globals['_ERROR']._serialized_end=1805
-  _globals['_TIMING']._serialized_start=1807
-  _globals['_TIMING']._serialized_end=1875
-  _globals['_SCORERESPONSE']._serialized_start=1878
-  _globals['_SCORERESPONSE']._serialized_end=2064
-  _globals['_GENERATEREQUEST']._serialized_start=2067
-  _globals['_GENERATEREQUEST']._serialized_end=2324
-  _globals['_GENERATERESPONSE']._serialized_start=2327
-  _globals['_GENERATERESPONSE']._serialized_end=2486
-  _globals['_TEACHER']._serialized_start=2891
-  _globals['_TEACHER']._serialized_end=3206
+  _globals['_SCOREREQUEST']._serialized_end=789
+  _globals['_FP16SIGNAL']._serialized_start=792
+  _globals['_FP16SIGNAL']._serialized_end=1079
+  _globals['_Q8SIGNAL']._serialized_start=1082
+  _globals['_Q8SIGNAL']._serialized_end=1377
+  _globals['_TAILSAMPLES']._serialized_start=1380
+  _globals['_TAILSAMPLES']._serialized_end=1652
+  _globals['_SIGNAL']._serialized_start=1655
+  _globals['_SIGNAL']._serialized_end=1835
+  _globals['_ERROR']._serialized_start=1837
+  _globals['_ERROR']._serialized_end=1875
+  _globals['_TIMING']._serialized_start=1877
+  _globals['_TIMING']._serialized_end=1945
+  _globals['_SCORERESPONSE']._serialized_start=1948
+  _globals['_SCORERESPONSE']._serialized_end=2134
+  _globals['_GENERATEREQUEST']._serialized_start=2137
+  _globals['_GENERATEREQUEST']._serialized_end=2394
+  _globals['_GENERATERESPONSE']._serialized_start=2397
+  _globals['_GENERATERESPONSE']._serialized_end=2556
+  _globals['_TEACHER']._serialized_start=2961
+  _globals['_TEACHER']._serialized_end=3276
 # @@protoc_insertion_point(module_scope)

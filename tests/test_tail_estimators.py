@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from atkd.proto import teacher_pb2 as pb
-from atkd.proto.codec import decode_signal, encode_signal, message_payload_bytes
+from atkd.proto.codec import decode_signal, encode_signal, message_payload_bytes, payload_bytes
 from atkd.proto.signal import TAIL_ESTIMATORS, adaptive_counts, compress, priority_weights
 from atkd.services.teacher.engine import TeacherEngine
 from atkd.services.teacher.errors import InvalidArgument
@@ -42,12 +42,14 @@ def _setup(seed: int = 0):
     return teacher, student, targets
 
 
-def _per_draw_dkd(teacher, student, targets, *, estimator, adaptive, control_variate, divergence="forward"):
+def _per_draw_dkd(teacher, student, targets, *, estimator, adaptive, control_variate, divergence="forward",
+                  ids_only=False):
     """DKD per draw and position [R, 5] and its gradient w.r.t. the student logits [R, 5, V]; dense [5], [5, V]."""
     n = teacher.shape[0]
     gen = torch.Generator().manual_seed(1)
-    signal = compress(teacher.repeat(DRAWS, 1), targets.repeat(DRAWS), K, tail_samples=M, generator=gen,
-                      tail_estimator=estimator, adaptive_tail=adaptive)
+    signal = compress(teacher.repeat(DRAWS, 1), targets.repeat(DRAWS), K,
+                      tail_samples=M, generator=gen, tail_estimator=estimator, adaptive_tail=adaptive,
+                      tail_ids_only=ids_only)
     divergence = get_divergence(divergence)
     logits = student.repeat(DRAWS, 1).requires_grad_()
     reps = targets.repeat(DRAWS)
@@ -84,6 +86,70 @@ def test_tail_estimate_is_unbiased_in_value_and_gradient(estimator, adaptive, co
     stderr = _assert_unbiased(dkd, dense, Z_VALUE)
     _assert_unbiased(grad, dense_grad, Z_GRAD)
     assert stderr.max() > 0  # the tail is really sampled: a deterministic value would make the check empty
+
+
+IDS_ONLY_CASES = [("systematic", False), ("systematic", True), ("iid", False), ("gumbel", False), ("rskd", False)]
+
+
+@pytest.mark.parametrize(("estimator", "adaptive"), IDS_ONLY_CASES)
+def test_ids_only_samples_keep_the_estimate_unbiased_and_each_draws_gradient(estimator, adaptive):
+    """tail_ids_only: the same draws (same ids and weights) with the tail's mean log p in place of each sample's.
+    Forward-KL DKD stays unbiased, and every draw's gradient equals the one with the exact log-probs (it never
+    depended on them), so the student learns exactly what it would from the full samples, for half the bytes."""
+    teacher, student, targets = _setup()
+    options = dict(estimator=estimator, adaptive=adaptive, control_variate=False)
+    dkd, grad, dense, _ = _per_draw_dkd(teacher, student, targets, ids_only=True, **options)
+    _, exact_grad, _, _ = _per_draw_dkd(teacher, student, targets, **options)
+    assert _assert_unbiased(dkd, dense, Z_VALUE).max() > 0
+    torch.testing.assert_close(grad, exact_grad, rtol=0, atol=1e-12)
+
+
+def test_ids_only_samples_carry_the_exact_tail_mean_and_other_divergences_refuse_them():
+    teacher, student, targets = _setup()
+    signal = compress(teacher, targets, K, tail_samples=M, tail_ids_only=True,
+                      generator=torch.Generator().manual_seed(0))
+    log_p = teacher.log_softmax(-1)
+    outside = torch.ones_like(log_p, dtype=torch.bool).scatter(1, signal.topk_ids, False).scatter(
+        1, targets.unsqueeze(1), False)
+    within = torch.where(outside, log_p, float("-inf")).softmax(-1)  # p_i / P_tail on the tail
+    expected = (within * torch.where(outside, log_p, 0.0)).sum(-1)
+    torch.testing.assert_close(signal.tail_mean_logprob, expected)
+    assert torch.equal(signal.tail_sample_logprobs, signal.tail_mean_logprob.unsqueeze(1).expand(-1, M))
+    args = (student.unsqueeze(0), signal.map_tensors(lambda t: t.unsqueeze(0)), targets.unsqueeze(0))
+    assert torch.isfinite(atkd_loss(*args).loss) and torch.isfinite(forward_kl(*args).loss)
+    for kwargs in (dict(base="reverse"), dict(base="jsd"), dict(tail_control_variate=True)):
+        with pytest.raises(ValueError, match="tail_ids_only"):
+            atkd_loss(*args, **kwargs)
+    with pytest.raises(ValueError, match="priority"):
+        compress(teacher, targets, K, tail_samples=M, tail_estimator="priority", tail_ids_only=True)
+
+
+@pytest.mark.parametrize("codec", ["fp16", "q8"])
+@pytest.mark.parametrize(("estimator", "adaptive"), IDS_ONLY_CASES)
+def test_ids_only_samples_survive_the_codec_at_two_bytes_a_sample(codec, estimator, adaptive):
+    teacher, _, targets = _setup()
+    options = dict(tail_samples=M, tail_estimator=estimator, adaptive_tail=adaptive)
+    k = 0 if estimator == "rskd" else K
+    full = compress(teacher.float(), targets, k, generator=torch.Generator().manual_seed(5), **options)
+    signal = compress(teacher.float(), targets, k, generator=torch.Generator().manual_seed(5), tail_ids_only=True,
+                      **options)
+    message = encode_signal(signal, codec, VOCAB)
+    decoded = decode_signal(pb.Signal.FromString(message.SerializeToString()))
+    assert torch.equal(decoded.tail_sample_ids, signal.tail_sample_ids[:, :decoded.num_tail_samples])
+    tolerance = dict(rtol=1e-3, atol=1e-3) if codec == "q8" else dict(rtol=0, atol=0)
+    torch.testing.assert_close(decoded.tail_mean_logprob, signal.tail_mean_logprob, **tolerance)
+    assert torch.equal(decoded.tail_sample_logprobs,
+                       decoded.tail_mean_logprob.unsqueeze(1).expand_as(decoded.tail_sample_ids))
+    if signal.sample_weights() is not None:
+        torch.testing.assert_close(decoded.sample_weights(), signal.sample_weights()[:, :decoded.num_tail_samples],
+                                   rtol=2e-2, atol=1e-3)
+    # the samples' log-probs are not sent: 2 bytes a sample less, one mean a position more
+    counts = signal.tail_sample_counts  # ragged (adaptive, RS-KD): only the used samples travel
+    samples = signal.tail_sample_ids.numel() if counts is None else int(counts.sum())
+    mean_bytes = (4 if codec == "fp16" else 2) * teacher.shape[0]
+    with_logprobs = encode_signal(full, codec, VOCAB).tail_samples
+    sent = message_payload_bytes(message.tail_samples)
+    assert sent == message_payload_bytes(with_logprobs) - 2 * samples + mean_bytes
 
 
 def test_control_variate_is_unbiased_for_reverse_kl_and_cuts_noise_near_the_teacher():
@@ -192,14 +258,18 @@ def test_requests_choose_the_estimator_and_bad_combinations_are_refused():
         return parse_request(request, limits)[0]
 
     job = parse(top_k=8, tail_samples=4, tail_estimator=pb.TAIL_PRIORITY, adaptive_tail=True, seed=3)
-    assert (job.tail_estimator, job.adaptive_tail) == ("priority", True)
+    assert (job.tail_estimator, job.adaptive_tail, job.tail_ids_only) == ("priority", True, False)
+    assert parse(top_k=8, tail_samples=4, tail_ids_only=True).tail_ids_only
     assert parse(top_k=0, tail_samples=8, tail_estimator=pb.TAIL_RSKD).top_k == 0
     for fields, message in [(dict(top_k=0, tail_samples=4), "top_k"),
                             (dict(top_k=8, tail_estimator=pb.TAIL_RSKD), "TAIL_RSKD"),
                             (dict(top_k=8, tail_samples=4, tail_estimator=pb.TAIL_RSKD, adaptive_tail=True),
                              "adaptive_tail"),
                             (dict(top_k=8, adaptive_tail=True), "adaptive_tail"),
-                            (dict(top_k=8, tail_samples=4, tail_estimator=17), "tail_estimator")]:
+                            (dict(top_k=8, tail_samples=4, tail_estimator=17), "tail_estimator"),
+                            (dict(top_k=8, tail_samples=4, tail_estimator=pb.TAIL_PRIORITY, tail_ids_only=True),
+                             "tail_ids_only"),
+                            (dict(top_k=8, tail_ids_only=True), "tail_ids_only")]:
         with pytest.raises(InvalidArgument, match=message):
             parse(**fields)
 
@@ -215,6 +285,15 @@ def test_engine_draws_with_the_requested_estimator(tiny_model_dir):
     assert torch.equal(a.tail_sample_ids, b.tail_sample_ids) and a.tail_log_threshold.shape == (29,)
     expected = priority_weights(a.tail_sample_logprobs, a.tail_logprob, a.tail_log_threshold)
     torch.testing.assert_close(a.tail_sample_weights, expected)
+    ids_only = parse_request(pb.ScoreRequest(token_ids=list(range(30)), lengths=[30], top_k=8, tail_samples=4,
+                                             seed=11, tail_ids_only=True), limits)[0]
+    plain = parse_request(pb.ScoreRequest(token_ids=list(range(30)), lengths=[30], top_k=8, tail_samples=4,
+                                          seed=11), limits)[0]
+    c, d = engine.score([ids_only, plain])
+    assert torch.equal(c.tail_sample_ids, d.tail_sample_ids) and c.tail_mean_logprob.shape == (29,)
+    assert d.tail_mean_logprob is None
+    message = encode_signal(c, "q8", 512)
+    assert message_payload_bytes(message) == 29 * payload_bytes("q8", 8, 512, 4, tail_ids_only=True)
 
 
 @pytest.mark.parametrize("estimator", ["priority", "gumbel"])

@@ -204,6 +204,7 @@ class TeacherEngine:
             compress(head(states[start:start + self.chunk_size]), targets[start:start + self.chunk_size],
                      job.top_k, job.temperature, tail_samples=job.tail_samples, chunk_size=self.chunk_size,
                      tail_estimator=job.tail_estimator, adaptive_tail=job.adaptive_tail,
+                     tail_ids_only=job.tail_ids_only,
                      tail_offsets=None if offsets is None else offsets[start:start + self.chunk_size])
             for start in range(0, max(1, job.num_positions), self.chunk_size)  # no positions: one empty chunk
         ]  # fmt: skip

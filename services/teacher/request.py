@@ -60,6 +60,7 @@ class ScoreJob:
     tail_offsets: torch.Tensor | None = None
     tail_estimator: str = "systematic"
     adaptive_tail: bool = False  # the split of the samples is per compress() chunk: it follows the batching
+    tail_ids_only: bool = False
 
     @property
     def tokens(self) -> int:
@@ -129,7 +130,7 @@ def parse_request(request: pb.ScoreRequest, limits: Limits) -> tuple[ScoreJob, s
         token_ids=torch.from_numpy(ids), lengths=lengths, rows=torch.from_numpy(rows), cols=torch.from_numpy(cols),
         targets=torch.from_numpy(ids[flat + 1]), top_k=request.top_k, temperature=temperature,
         tail_samples=request.tail_samples, tail_offsets=offsets, tail_estimator=tail_estimator,
-        adaptive_tail=request.adaptive_tail,
+        adaptive_tail=request.adaptive_tail, tail_ids_only=request.tail_ids_only,
     )  # fmt: skip
     return job, codec
 
@@ -140,13 +141,16 @@ TAIL_ESTIMATOR_VALUES = {"systematic": pb.TAIL_SYSTEMATIC, "iid": pb.TAIL_IID, "
 
 
 def _tail_estimator(request: pb.ScoreRequest) -> str:
-    """The request's tail estimator by name, checked together with ``adaptive_tail``."""
+    """The request's tail estimator by name, checked together with ``adaptive_tail`` and ``tail_ids_only``."""
     names = {value: name for name, value in TAIL_ESTIMATOR_VALUES.items()}
     if request.tail_estimator not in names:
         raise InvalidArgument(f"tail_estimator = {request.tail_estimator} is unknown; known: {sorted(names)}")
     name = names[request.tail_estimator]
     if request.adaptive_tail and (name == "rskd" or not request.tail_samples):
         raise InvalidArgument("adaptive_tail needs tail_samples > 0 and a tail estimator other than TAIL_RSKD")
+    if request.tail_ids_only and (name == "priority" or not request.tail_samples):
+        raise InvalidArgument("tail_ids_only needs tail_samples > 0 and a tail estimator other than TAIL_PRIORITY "
+                              "(whose weights need the samples' log-probs)")
     if name == "rskd" and not request.tail_samples:
         raise InvalidArgument("tail_estimator = TAIL_RSKD needs tail_samples > 0 (the number of draws)")
     return name

@@ -68,7 +68,8 @@ def target_and_diversity(divergence: Divergence, teacher: Normalised, student: N
     tkd = divergence.term(teacher.log_target, student.log_target) + divergence.term(
         teacher.log_uncertainty, student.log_uncertainty)
     dkd = bucket_sum(divergence, teacher.hat, student.hat, teacher.hat_samples, student.hat_samples,
-                     sample_weights=teacher.buckets.sample_weights, control_variate=tail_control_variate)
+                     sample_weights=teacher.buckets.sample_weights, control_variate=tail_control_variate,
+                     sample_logprobs_exact=teacher.buckets.sample_logprobs_exact)
     return tkd, dkd
 
 

@@ -41,7 +41,8 @@ def full_divergence_loss(student_logits, teacher: TeacherInput, targets, diverge
         q = batch.student_normalised(positions, logits)
         per_token = divergence.term(p.log_target, q.log_target) + bucket_sum(
             divergence, p.full, q.full, p.full_samples, q.full_samples,
-            sample_weights=p.buckets.sample_weights, control_variate=tail_control_variate)
+            sample_weights=p.buckets.sample_weights, control_variate=tail_control_variate,
+            sample_logprobs_exact=p.buckets.sample_logprobs_exact)
         return scale * per_token.sum()
 
     return LossResult(fused_chunked_sum(batch, chunk_loss, chunk_size))

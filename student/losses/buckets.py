@@ -81,6 +81,7 @@ class Buckets:
     rest: torch.Tensor
     samples: torch.Tensor | None = None
     sample_weights: torch.Tensor | None = None
+    sample_logprobs_exact: bool = True  # False: each sample holds its position's tail mean (tail_ids_only)
 
     def normalise(self) -> Normalised:
         return Normalised(self)
@@ -103,6 +104,7 @@ def signal_buckets(signal: TeacherSignal, targets: torch.Tensor, dtype: torch.dt
         rest=torch.cat([topk, tail], dim=1),
         samples=None if samples is None else samples.to(dtype),
         sample_weights=None if weights is None else weights.to(dtype),
+        sample_logprobs_exact=signal.tail_mean_logprob is None,
     )
 
 
@@ -121,7 +123,8 @@ def student_buckets_for_signal(logits: torch.Tensor, signal: TeacherSignal, targ
 
 
 def bucket_sum(divergence, log_p, log_q, log_p_samples=None, log_q_samples=None, *,
-               sample_weights=None, control_variate: bool = False) -> torch.Tensor:
+               sample_weights=None, control_variate: bool = False,
+               sample_logprobs_exact: bool = True) -> torch.Tensor:
     """sum_i phi(log p_i, log q_i) over the buckets ``[n, C]`` -> ``[n]``.
 
     With tail samples ``[n, m]`` (drawn from p restricted to the last bucket, the TAIL, of mass P_T),
@@ -134,9 +137,17 @@ def bucket_sum(divergence, log_p, log_q, log_p_samples=None, log_q_samples=None,
     unbiased for any beta since E[P_T sum_j a_j (r_j - 1)] = Q_T - P_T (Q_T: the student's exact TAIL
     mass). The integrand f(r) + beta (r - 1) has no first-order term at r = 1 (for forward KL it is
     r - 1 - log r >= 0), so the noise vanishes as the student approaches the teacher on its tail.
+
+    ``sample_logprobs_exact`` False (a ``tail_ids_only`` signal): every sample's log p is its position's
+    exact tail mean E[log p_i]. Only an integrand linear in log p (forward KL: log p - log q) keeps its
+    expectation, and its gradient w.r.t. the student never needed log p; anything else raises.
     """
     if log_p_samples is None:
         return divergence.term(log_p, log_q).sum(1)
+    if not sample_logprobs_exact and (control_variate or not divergence.linear_in_teacher_logprob):
+        raise ValueError(f"a tail_ids_only signal carries no per-sample teacher log-probs, which the "
+                         f"{divergence.name} divergence{' with the tail control variate' if control_variate else ''} "
+                         "needs: request the samples' log-probs (tail_ids_only false) or use the forward divergence")
     head = divergence.term(log_p[:, :-1], log_q[:, :-1]).sum(1)
     integrand = divergence.term_per_teacher_mass(log_p_samples, log_q_samples)
     beta = divergence.control_variate_slope() if control_variate else 0.0

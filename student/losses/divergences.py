@@ -40,6 +40,10 @@ class Divergence:
     def term(self, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    #: phi / p is a + log p with a independent of p (forward KL): a tail sample's own log p may be replaced by
+    #: the tail's mean log p without changing the estimate's expectation or its gradient (tail_ids_only)
+    linear_in_teacher_logprob = False
+
     def term_per_teacher_mass(self, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
         """phi / p: the importance-sampling integrand when buckets are drawn from p."""
         return self.term(log_p, log_q) * torch.exp(-log_p)
@@ -60,6 +64,7 @@ class Divergence:
 
 class ForwardKL(Divergence):
     name = "forward"
+    linear_in_teacher_logprob = True
 
     def term(self, log_p, log_q):
         return log_p.exp() * (log_p - log_q)
