@@ -100,6 +100,40 @@ def test_remote_local_and_cache_give_the_same_loss(tmp_path, corpus, tiny_model_
     assert losses["remote"] == pytest.approx(losses["local"], rel=2e-3)  # fp16 codec vs fp32 in process
 
 
+def test_tail_ids_only_reaches_every_teacher_source_and_the_cache_records_it(tmp_path, corpus, tiny_model_factory,
+                                                                            tiny_model_dir, serve_teacher):
+    """teacher.tail_ids_only: remote (the request field), local (compress) and a cache exported from the remote
+    source all give samples without log-probs and the tail's mean in their place; a run without the option
+    refuses that cache."""
+    server = serve_teacher()
+    options = {"top_k": 16, "tail_samples": 8, "tail_ids_only": True, "prefetch": 0}
+    remote = run_config(tmp_path, corpus, tiny_model_factory("gpt2"),
+                        {"mode": "remote", "addresses": [server.address], "codec": "q8", **options})
+    local = run_config(tmp_path, corpus, tiny_model_factory("gpt2"), {"mode": "local", "model": str(tiny_model_dir),
+                                                                      **options})
+    export_cache(remote, tmp_path / "cache", shard_size=16)
+    cached = run_config(tmp_path, corpus, tiny_model_factory("gpt2"), {"mode": "cache",
+                                                                       "cache_dir": str(tmp_path / "cache"), **options})
+    tokenizer = load_tokenizer(remote.student)
+    examples = load_examples(remote.data, tokenizer)
+    student = load_model(remote.student)
+    batch = examples.batch([5, 40, 17, 33])
+    means = {}
+    for name, config in {"remote": remote, "local": local, "cache": cached}.items():
+        source = build_teacher(config.teacher, tokenizer, student, examples)
+        signal = source(batch)
+        source.close()
+        assert signal.tail_sample_ids.shape == (4, 32, 8)
+        assert torch.equal(signal.tail_sample_logprobs, signal.tail_mean_logprob.unsqueeze(-1).expand(-1, -1, 8))
+        means[name] = signal.tail_mean_logprob
+    assert torch.equal(means["cache"], means["remote"])  # stored as received
+    torch.testing.assert_close(means["remote"], means["local"], rtol=2e-3, atol=2e-3)  # q8 (float16) vs fp32
+    plain = run_config(tmp_path, corpus, tiny_model_factory("gpt2"),
+                       {"mode": "cache", "cache_dir": str(tmp_path / "cache"), **options, "tail_ids_only": False})
+    with pytest.raises(CacheMismatchError, match="tail_ids_only"):
+        build_teacher(plain.teacher, tokenizer, student, examples)
+
+
 def test_a_record_every_log_every_steps_describes_the_steps_since_the_last(tmp_path, corpus, tiny_model_factory,
                                                                           tiny_model_dir):
     teacher = {"mode": "local", "model": str(tiny_model_dir), "top_k": 16, "tail_samples": 0}

@@ -65,6 +65,7 @@ class CacheManifest:
     codec: str
     shard_size: int
     format_version: int = FORMAT_VERSION
+    tail_ids_only: bool = False  # absent from the manifests of earlier versions, which sent the log-probs
 
     def shard_name(self, shard: int) -> str:
         return f"shard-{shard:05d}.safetensors"

@@ -19,9 +19,10 @@ class RemoteTeacher(TeacherSource):
     """
 
     def __init__(self, client: TeacherClient, top_k: int = 64, codec: str = "fp16", temperature: float = 1.0,
-                 tail_samples: int = 0):
+                 tail_samples: int = 0, tail_ids_only: bool = False):
         self.client = client
-        self.options = dict(top_k=top_k, codec=codec, temperature=temperature, tail_samples=tail_samples)
+        self.options = dict(top_k=top_k, codec=codec, temperature=temperature, tail_samples=tail_samples,
+                            tail_ids_only=tail_ids_only)
 
     def submit(self, batch: LMBatch, seed: int | None = None) -> RemoteResult:
         ids, score_mask = join_window(batch.input_ids, batch.targets)

@@ -94,6 +94,9 @@ class TeacherSourceConfig(Section):
     cache_dir: Path | None = Field(None, description="cache: directory written by `atkd-student export-cache`")
     top_k: int = Field(64, ge=0, description="top-k log-probs per position (local only: 0 for dense logits)")
     tail_samples: int = Field(16, ge=0, description="tokens sampled from the teacher's tail per position")
+    tail_ids_only: bool = Field(False, description="send the tail samples' ids without their log-probs, and one exact "
+                                                   "tail mean per position: half the bytes a sample (forward-KL "
+                                                   "tail terms only: ATKD and KD with the forward base)")
     temperature: float = Field(1.0, gt=0, description="softmax temperature of the teacher signal")
     codec: Literal["fp16", "q8"] = Field("fp16", description="remote: wire encoding of the signal")
     prefetch: int = Field(2, ge=0, description="batches scored ahead while the student trains")
