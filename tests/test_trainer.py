@@ -4,6 +4,7 @@ exported cache; resume exactness; config and tokenizer errors before the first s
 from __future__ import annotations
 
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -132,6 +133,19 @@ def test_tail_ids_only_reaches_every_teacher_source_and_the_cache_records_it(tmp
                        {"mode": "cache", "cache_dir": str(tmp_path / "cache"), **options, "tail_ids_only": False})
     with pytest.raises(CacheMismatchError, match="tail_ids_only"):
         build_teacher(plain.teacher, tokenizer, student, examples)
+
+
+@pytest.mark.parametrize(("loss", "warned"), [({"name": "reverse_kl"}, True),
+                                              ({"name": "atkd", "options": {"base": "reverse"}}, True),
+                                              ({"name": "atkd"}, False)])
+def test_a_reverse_divergence_on_tail_samples_is_warned_about(tmp_path, corpus, tiny_model_factory, tiny_model_dir,
+                                                              caplog, loss, warned):
+    teacher = {"mode": "local", "model": str(tiny_model_dir), "top_k": 8, "tail_samples": 4}
+    config = run_config(tmp_path, corpus, tiny_model_factory("gpt2"), teacher, max_steps=1, save_every=0,
+                        loss=loss, **{"data.eval": []})
+    with caplog.at_level(logging.WARNING, logger="atkd.student.trainer.loop"):
+        train(config)
+    assert ("unbounded for a reverse divergence" in caplog.text) == warned
 
 
 def test_a_record_every_log_every_steps_describes_the_steps_since_the_last(tmp_path, corpus, tiny_model_factory,

@@ -150,6 +150,11 @@ def _train(config: TrainConfig, resume: bool | Path, stop_at: int | None, train_
     teacher = None if teacher_config is None else build_teacher(
         teacher_config, tokenizer, model, train_data, client_name=f"{output_dir.name}-rank{rank}")
     loss_fn = get_loss(config.loss.name, **config.loss.options)
+    if is_main and teacher_config is not None and teacher_config.tail_samples and _reverse_tail(config.loss):
+        log.warning("loss %s reads the teacher's tail samples with importance weights q/p, which are unbounded for a "
+                    "reverse divergence: a student can drive the estimate down by putting mass where the teacher has "
+                    "little (measured in experiments/grid.py: loss 0.0004 at a test perplexity of 5.7e6). Set "
+                    "teacher.tail_samples=0 to read the tail as one exact bucket.", config.loss.name)
     fused = _fused_head_allowed(model, is_main) if config.fused_head else _fused_head_off(is_main)
     sharded = config.parallel == "fsdp" and world > 1
     if sharded:
@@ -346,6 +351,12 @@ def _next_agreed(stream, world: int, device: torch.device, rank: int):
                            f"the teacher of rank{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))} "
                            "failed for good (its error is in that rank's log); every rank stops at this step")
     return item
+
+
+def _reverse_tail(loss) -> bool:
+    """Whether the loss's divergence weighs the tail by q / p (reverse KL, as the loss or as ATKD's base)."""
+    return loss.name in ("reverse_kl", "skew_reverse_kl") or (
+        loss.name == "atkd" and str(loss.options.get("base", "forward")).startswith(("reverse", "skew_reverse")))
 
 
 def _no_teacher(batches):
