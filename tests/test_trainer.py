@@ -81,7 +81,7 @@ def test_remote_local_and_cache_give_the_same_loss(tmp_path, corpus, tiny_model_
     server = serve_teacher()
     options = {"top_k": 16, "tail_samples": 0, "prefetch": 0}
     remote = run_config(tmp_path, corpus, tiny_model_factory("gpt2"),
-                        {"mode": "remote", "addresses": [server.address], **options})
+                        {"mode": "remote", "addresses": [server.address], "codec": "fp16", **options})
     local = run_config(tmp_path, corpus, tiny_model_factory("gpt2"), {"mode": "local", "model": str(tiny_model_dir),
                                                                       **options})
     export_cache(remote, tmp_path / "cache", shard_size=16)
@@ -204,9 +204,28 @@ def test_sft_needs_no_teacher_and_distillation_does(tmp_path, corpus, tiny_model
     assert result.state.step == 8
 
 
+@pytest.mark.parametrize(("flags", "ids_only"), [
+    ({}, True),  # ATKD, forward base: the default signal sends the samples' ids only
+    ({"loss.name": "forward_kl"}, True),
+    ({"loss.name": "reverse_kl"}, False),
+    ({"loss.options": {"base": "jsd"}}, False),
+    ({"loss.options": {"tail_control_variate": True}}, False),
+    ({"teacher.tail_samples": 0}, False),
+    ({"loss.name": "reverse_kl", "teacher.tail_ids_only": True}, True),  # as asked (its loss will refuse it)
+])  # fmt: skip
+def test_tail_ids_only_defaults_to_the_losses_that_read_the_tail_by_forward_kl(tmp_path, corpus, tiny_model_factory,
+                                                                             flags, ids_only):
+    teacher = {"mode": "remote", "addresses": ["127.0.0.1:1"]}
+    config = run_config(tmp_path, corpus, tiny_model_factory("gpt2"), teacher, **flags)
+    assert config.teacher.tail_ids_only is ids_only
+    assert (config.teacher.codec, config.teacher.top_k) == ("q8", 64)
+    assert config.teacher.tail_samples == flags.get("teacher.tail_samples", 64)
+
+
 @pytest.mark.parametrize("flags, message", [
     ({"teacher.top_k": -1}, "teacher.top_k: Input should be greater than or equal to 0"),
     ({"teacher.top_k": 0, "teacher.tail_samples": 4}, "teacher.top_k=0 (dense logits) needs"),
+    ({"teacher.tail_samples": 0, "teacher.tail_ids_only": True}, "teacher.tail_ids_only needs teacher.tail_samples"),
     ({"teacher.modee": "local"}, "teacher.modee: Extra inputs are not permitted"),
     ({"teacher.mode": "remote"}, "teacher.mode='remote' needs teacher.addresses"),
     ({"loss.name": "klx"}, "loss.name: Value error, unknown loss 'klx'"),

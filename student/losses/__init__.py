@@ -24,7 +24,17 @@ from .baselines import (
     tvd,
 )
 from .batch import TeacherInput
-from .divergences import DIVERGENCES, JSD, TVD, Divergence, ForwardKL, ReverseKL, SkewForwardKL, SkewReverseKL
+from .divergences import (
+    DIVERGENCES,
+    JSD,
+    TVD,
+    Divergence,
+    ForwardKL,
+    ReverseKL,
+    SkewForwardKL,
+    SkewReverseKL,
+    get_divergence,
+)
 from .fused_head import HeadLogits, fused_head_loss
 from .result import LossFn, LossResult
 
@@ -45,6 +55,17 @@ LOSSES: dict[str, LossFn] = {
 NO_TEACHER = frozenset({"sft"})
 
 
+def tail_read_by_forward_kl(name: str, options: dict) -> bool:
+    """Whether loss ``name`` with ``options`` reads tail samples only through a forward-KL term (ATKD with its
+    forward base, forward KL, DKD; no control variate): then samples without their own log-probs
+    (``tail_ids_only``) give it the same expectation and the same gradient as full samples."""
+    if options.get("tail_control_variate"):
+        return False
+    if name == "atkd":
+        return get_divergence(options.get("base", "forward")).linear_in_teacher_logprob
+    return name in ("forward_kl", "dkd")
+
+
 def get_loss(name: str, **options) -> LossFn:
     """The loss called ``name`` with its keyword options bound (e.g. ``get_loss("atkd", lam=0.2)``)."""
     try:
@@ -58,4 +79,5 @@ __all__ = [
     "LossResult", "ReverseKL", "SkewForwardKL", "SkewReverseKL", "TeacherInput", "TeacherSignal", "atkd_loss",
     "compress", "cross_entropy", "dkd", "forward_kl", "full_divergence_loss", "get_loss", "jsd", "reverse_kl",
     "skew_forward_kl", "skew_reverse_kl", "split_hard", "teacher_uncertainty", "tvd", "HeadLogits", "fused_head_loss",
+    "tail_read_by_forward_kl",
 ]

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from atkd.student.losses import LOSSES, NO_TEACHER
+from atkd.student.losses import LOSSES, NO_TEACHER, tail_read_by_forward_kl
 from atkd.student.optim import OptimConfig
 
 
@@ -93,12 +93,13 @@ class TeacherSourceConfig(Section):
     device: str = Field("auto", description="local: torch device of the teacher")
     cache_dir: Path | None = Field(None, description="cache: directory written by `atkd-student export-cache`")
     top_k: int = Field(64, ge=0, description="top-k log-probs per position (local only: 0 for dense logits)")
-    tail_samples: int = Field(16, ge=0, description="tokens sampled from the teacher's tail per position")
-    tail_ids_only: bool = Field(False, description="send the tail samples' ids without their log-probs, and one exact "
-                                                   "tail mean per position: half the bytes a sample (forward-KL "
-                                                   "tail terms only: ATKD and KD with the forward base)")
+    tail_samples: int = Field(64, ge=0, description="tokens sampled from the teacher's tail per position")
+    tail_ids_only: bool | None = Field(None, description="send the tail samples' ids without their log-probs, and one "
+                                                         "exact tail mean per position: half the bytes a sample "
+                                                         "(default: on where the loss reads the tail by forward KL: "
+                                                         "atkd with the forward base, forward_kl, dkd)")
     temperature: float = Field(1.0, gt=0, description="softmax temperature of the teacher signal")
-    codec: Literal["fp16", "q8"] = Field("fp16", description="remote: wire encoding of the signal")
+    codec: Literal["fp16", "q8"] = Field("q8", description="remote: wire encoding of the signal")
     prefetch: int = Field(2, ge=0, description="batches scored ahead while the student trains")
 
     @field_validator("addresses", mode="before")
@@ -113,6 +114,8 @@ class TeacherSourceConfig(Section):
             raise ValueError(f"teacher.mode={self.mode!r} needs teacher.{needs}")
         if self.top_k == 0 and (self.mode != "local" or self.tail_samples):
             raise ValueError("teacher.top_k=0 (dense logits) needs teacher.mode='local' and tail_samples=0")
+        if self.tail_ids_only and not self.tail_samples:
+            raise ValueError("teacher.tail_ids_only needs teacher.tail_samples > 0")
         return self
 
 
@@ -189,6 +192,10 @@ class TrainConfig(Section):
         if source.name != "dataset" and self.used_teacher is not None and self.teacher.mode == "cache":
             raise ValueError(f"data.source.name={source.name!r} trains on other sequences than the dataset's: a "
                              "signal cache (teacher.mode cache) cannot score them")
+        teacher = self.teacher
+        if teacher is not None and teacher.tail_ids_only is None:
+            teacher.tail_ids_only = teacher.tail_samples > 0 and tail_read_by_forward_kl(self.loss.name,
+                                                                                         self.loss.options)
         return self
 
     @property
