@@ -76,24 +76,34 @@ def test_student_distilled_through_the_server_lowers_its_loss(tmp_path, corpus, 
     assert records[-1]["kind"] == "eval" and records[-1]["step"] == 30
 
 
-def test_remote_local_and_cache_give_the_same_loss(tmp_path, corpus, tiny_model_factory, tiny_model_dir,
-                                                   serve_teacher):
-    server = serve_teacher()
-    options = {"top_k": 16, "tail_samples": 0, "prefetch": 0}
+def three_sources(tmp_path, corpus, tiny_model_factory, tiny_model_dir, server, codec: str, **options):
+    """Run configs whose teacher is the server (``codec``), the same model in process, and a cache exported from
+    the server, with the signal ``options``: {"remote": ..., "local": ..., "cache": ...}."""
     remote = run_config(tmp_path, corpus, tiny_model_factory("gpt2"),
-                        {"mode": "remote", "addresses": [server.address], "codec": "fp16", **options})
+                        {"mode": "remote", "addresses": [server.address], "codec": codec, **options})
     local = run_config(tmp_path, corpus, tiny_model_factory("gpt2"), {"mode": "local", "model": str(tiny_model_dir),
                                                                       **options})
     export_cache(remote, tmp_path / "cache", shard_size=16)
     cached = run_config(tmp_path, corpus, tiny_model_factory("gpt2"), {"mode": "cache",
                                                                        "cache_dir": str(tmp_path / "cache"), **options})
-    tokenizer = load_tokenizer(remote.student)
-    examples = load_examples(remote.data, tokenizer)
-    student = load_model(remote.student)
+    return {"remote": remote, "local": local, "cache": cached}
+
+
+def build_parts(config):
+    """The tokenizer, training examples and student a run config's teacher source is built against."""
+    tokenizer = load_tokenizer(config.student)
+    return tokenizer, load_examples(config.data, tokenizer), load_model(config.student)
+
+
+def test_remote_local_and_cache_give_the_same_loss(tmp_path, corpus, tiny_model_factory, tiny_model_dir,
+                                                   serve_teacher):
+    configs = three_sources(tmp_path, corpus, tiny_model_factory, tiny_model_dir, serve_teacher(), "fp16",
+                            top_k=16, tail_samples=0, prefetch=0)
+    tokenizer, examples, student = build_parts(configs["remote"])
     batch = examples.batch([5, 40, 17, 33])  # two shards, out of order
     logits = torch.randn(4, 32, student.config.vocab_size, generator=torch.Generator().manual_seed(0))
     losses = {}
-    for name, config in {"remote": remote, "local": local, "cache": cached}.items():
+    for name, config in configs.items():
         source = build_teacher(config.teacher, tokenizer, student, examples)
         losses[name] = atkd_loss(logits, source(batch), batch.targets).loss.item()
         source.close()
@@ -106,21 +116,12 @@ def test_tail_ids_only_reaches_every_teacher_source_and_the_cache_records_it(tmp
     """teacher.tail_ids_only: remote (the request field), local (compress) and a cache exported from the remote
     source all give samples without log-probs and the tail's mean in their place; a run without the option
     refuses that cache."""
-    server = serve_teacher()
     options = {"top_k": 16, "tail_samples": 8, "tail_ids_only": True, "prefetch": 0}
-    remote = run_config(tmp_path, corpus, tiny_model_factory("gpt2"),
-                        {"mode": "remote", "addresses": [server.address], "codec": "q8", **options})
-    local = run_config(tmp_path, corpus, tiny_model_factory("gpt2"), {"mode": "local", "model": str(tiny_model_dir),
-                                                                      **options})
-    export_cache(remote, tmp_path / "cache", shard_size=16)
-    cached = run_config(tmp_path, corpus, tiny_model_factory("gpt2"), {"mode": "cache",
-                                                                       "cache_dir": str(tmp_path / "cache"), **options})
-    tokenizer = load_tokenizer(remote.student)
-    examples = load_examples(remote.data, tokenizer)
-    student = load_model(remote.student)
+    configs = three_sources(tmp_path, corpus, tiny_model_factory, tiny_model_dir, serve_teacher(), "q8", **options)
+    tokenizer, examples, student = build_parts(configs["remote"])
     batch = examples.batch([5, 40, 17, 33])
     means = {}
-    for name, config in {"remote": remote, "local": local, "cache": cached}.items():
+    for name, config in configs.items():
         source = build_teacher(config.teacher, tokenizer, student, examples)
         signal = source(batch)
         source.close()

@@ -55,15 +55,24 @@ LOSSES: dict[str, LossFn] = {
 NO_TEACHER = frozenset({"sft"})
 
 
+#: The divergence each loss but ATKD (its ``base`` option) and SFT applies to the teacher's tail.
+_TAIL_DIVERGENCE = {"forward_kl": "forward", "dkd": "forward", "reverse_kl": "reverse", "jsd": "jsd",
+                    "skew_forward_kl": "skew_forward", "skew_reverse_kl": "skew_reverse", "tvd": "tvd"}
+
+
+def tail_divergence(name: str, options: dict) -> Divergence | None:
+    """The divergence through which loss ``name`` with ``options`` reads the teacher's tail (None: no teacher)."""
+    if name == "atkd":
+        return get_divergence(options.get("base", "forward"))
+    return get_divergence(_TAIL_DIVERGENCE[name]) if name in _TAIL_DIVERGENCE else None
+
+
 def tail_read_by_forward_kl(name: str, options: dict) -> bool:
     """Whether loss ``name`` with ``options`` reads tail samples only through a forward-KL term (ATKD with its
     forward base, forward KL, DKD; no control variate): then samples without their own log-probs
     (``tail_ids_only``) give it the same expectation and the same gradient as full samples."""
-    if options.get("tail_control_variate"):
-        return False
-    if name == "atkd":
-        return get_divergence(options.get("base", "forward")).linear_in_teacher_logprob
-    return name in ("forward_kl", "dkd")
+    divergence = tail_divergence(name, options)
+    return divergence is not None and divergence.linear_in_teacher_logprob and not options.get("tail_control_variate")
 
 
 def get_loss(name: str, **options) -> LossFn:
@@ -79,5 +88,5 @@ __all__ = [
     "LossResult", "ReverseKL", "SkewForwardKL", "SkewReverseKL", "TeacherInput", "TeacherSignal", "atkd_loss",
     "compress", "cross_entropy", "dkd", "forward_kl", "full_divergence_loss", "get_loss", "jsd", "reverse_kl",
     "skew_forward_kl", "skew_reverse_kl", "split_hard", "teacher_uncertainty", "tvd", "HeadLogits", "fused_head_loss",
-    "tail_read_by_forward_kl",
+    "tail_divergence", "tail_read_by_forward_kl",
 ]

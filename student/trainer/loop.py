@@ -58,7 +58,7 @@ from atkd.proto.device import resolve_device
 from atkd.student.client import TeacherError
 from atkd.student.data.examples import BatchOrder, Examples
 from atkd.student.evaluation import LMEval, evaluate_examples
-from atkd.student.losses import TeacherInput, get_loss
+from atkd.student.losses import TeacherInput, get_loss, tail_divergence
 from atkd.student.models import load_model, save_model
 from atkd.student.optim import make_optimizer, schedule_change
 from atkd.student.teachers import prefetched
@@ -354,9 +354,9 @@ def _next_agreed(stream, world: int, device: torch.device, rank: int):
 
 
 def _reverse_tail(loss) -> bool:
-    """Whether the loss's divergence weighs the tail by q / p (reverse KL, as the loss or as ATKD's base)."""
-    return loss.name in ("reverse_kl", "skew_reverse_kl") or (
-        loss.name == "atkd" and str(loss.options.get("base", "forward")).startswith(("reverse", "skew_reverse")))
+    """Whether the loss weighs the tail's samples by q / p (reverse KL, as the loss or as ATKD's base)."""
+    divergence = tail_divergence(loss.name, loss.options)
+    return divergence is not None and divergence.name in ("reverse", "skew_reverse")
 
 
 def _no_teacher(batches):
