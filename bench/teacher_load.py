@@ -1,6 +1,6 @@
 """Load and abuse on one replica: N concurrent streaming students, and well-behaved students beside an abuser.
 
-    python -m bench.teacher_load [--seconds 15 --rounds 2 --threads 1]
+    python -m bench.teacher_load [--seconds 15 --rounds 2 --threads 1 --step-ms 400]
 
 One ``atkd-teacher serve`` subprocess on loopback (a random Llama, V = 8192, 2 layers of 128, 512 positions;
 ``--threads`` torch threads) with named tokens, one per client (``--auth-tokens-file``), so that every
@@ -14,7 +14,12 @@ latency is from a request's send to its decoded response.
 * **Abuse**: 4 well-behaved students for ``--seconds`` alone, then beside one abuser, interleaved per
   round (alone, case 1, alone, case 2, alone, case 6) so that the machine's noise hits both sides of a
   ratio; the ratio is the well-behaved tokens/s beside the abuser over alone just before, median over
-  ``--rounds``. The abusers (issue 11's cases):
+  ``--rounds``. Two kinds of students, each compared alone and beside each abuser:
+  *saturating* ones ask for the next batch as soon as one is answered (4 of them alone already keep the
+  replica busy, so an exactly fair fifth for the abuser leaves them 0.80x, the bound of this kind), and
+  *training* ones, which train ``--step-ms`` on each batch while 2 more are scored (the trainer's
+  prefetch), so that together they ask for about 60% of the replica, as students sized to a shared
+  teacher do. The abusers (issue 11's cases):
   1. padding blow-up: Score requests of one 512-token sequence and 63 one-token sequences (575 tokens
      that admission counts; the engine pads them to 64 x 512), 4 outstanding;
   2. a ScoreStream that sends 200 requests (4 x 128 tokens, top-256) and never reads;
@@ -79,8 +84,10 @@ class Tally:
     failures: list[str] = field(default_factory=list)
 
 
-def student(address: str, name: str, stop: threading.Event, tally: Tally, seed: int) -> None:
-    """Stream 4 x 128-token batches with 2 in flight until ``stop``; decode every response."""
+def student(address: str, name: str, stop: threading.Event, tally: Tally, seed: int, step_s: float = 0.0) -> None:
+    """Stream 4 x 128-token batches with 2 in flight until ``stop``; decode every response. With ``step_s``,
+    a training student: it sends its next request when it takes a response (as the trainer's prefetch
+    does), then trains on it for ``step_s`` (a sleep: its own accelerator's time) before it takes the next."""
     generator = torch.Generator().manual_seed(seed)
     work = [ScoreBatch.of(torch.randint(0, VOCAB, (BATCH, SEQ), generator=generator)) for _ in range(8)]
     slots = threading.Semaphore(IN_FLIGHT)
@@ -104,6 +111,8 @@ def student(address: str, name: str, stop: threading.Event, tally: Tally, seed: 
                 tally.latencies.append(time.perf_counter() - sent.pop(response.id))
                 tally.tokens += BATCH * SEQ
             slots.release()
+            if step_s:
+                stop.wait(step_s)
     except grpc.RpcError as error:
         tally.failures.append(f"{error.code().name}: {error.details()}")
     finally:
@@ -196,27 +205,30 @@ class Phase:
         return 1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else float("nan")
 
 
-def run_phase(address: str, n: int, seconds: float, abuser=None, seed: int = 0) -> Phase:
-    """``n`` students (and ``abuser``) for ``seconds``; the students' tokens count only within the window."""
+def run_phase(address: str, n: int, seconds: float, abuser=None, seed: int = 0, step_s: float = 0.0) -> Phase:
+    """``n`` students (training for ``step_s`` a batch, and ``abuser``) for ``seconds``; everyone's tokens
+    count only within the window."""
     stop = threading.Event()
     tallies = [Tally() for _ in range(n)]
     abuse = Tally() if abuser else None
-    threads = [threading.Thread(target=student, args=(address, STUDENTS[i], stop, tallies[i], seed + i), daemon=True)
-               for i in range(n)]
+    threads = [threading.Thread(target=student, args=(address, STUDENTS[i], stop, tallies[i], seed + i, step_s),
+                                daemon=True) for i in range(n)]
     if abuser:
         threads.append(threading.Thread(target=abuser, args=(address, stop, abuse), daemon=True))
     for thread in threads:
         thread.start()
     time.sleep(1.0)  # ramp-up, not counted
     start = [(t.tokens, len(t.latencies)) for t in tallies]
+    abuse_start = (abuse.tokens, len(abuse.latencies)) if abuse else None
     begun = time.perf_counter()
     time.sleep(seconds)
     counted = [_since(t, s) for t, s in zip(tallies, start, strict=True)]
+    abuse_counted = _since(abuse, abuse_start) if abuse else None
     elapsed = time.perf_counter() - begun
     stop.set()
     for thread in threads:
         thread.join(600)
-    return Phase(counted, abuse, elapsed)
+    return Phase(counted, abuse_counted, elapsed)
 
 
 def _since(tally: Tally, start: tuple[int, int]) -> Tally:
@@ -251,6 +263,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15.0, help="counted seconds per phase")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of the abuse comparison")
     parser.add_argument("--threads", type=int, default=1, help="the server's torch threads")
+    parser.add_argument("--step-ms", type=float, default=400.0,
+                        help="training students' step: 4 of them then ask for about 60%% of the replica")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="atkd-load-") as tmp:
         model_dir = build_model(Path(tmp) / "model")
@@ -275,31 +289,38 @@ def main() -> None:
                 requests = sum(len(t.latencies) for t in phase.students)
                 print(f"| {n} | {requests} | {len(phase.failures)} | {phase.latency_ms(0.5):.0f} | "
                       f"{phase.latency_ms(0.99):.0f} | {phase.tokens_per_s:.0f} |", flush=True)
-            ratios: dict[str, list[float]] = {name: [] for name in ABUSERS}
-            abuser_tokens: dict[str, list[float]] = {name: [] for name in ABUSERS}
-            failures: dict[str, int] = {name: 0 for name in ABUSERS}
+            kinds = {"saturating": 0.0, f"training ({args.step_ms:g} ms a step)": args.step_ms / 1000}
+            key = list(itertools.product(kinds, ABUSERS))
+            ratios: dict[tuple, list[float]] = {k: [] for k in key}
+            abuser_tokens: dict[tuple, list[float]] = {k: [] for k in key}
+            shares: dict[tuple, list[float]] = {k: [] for k in key}
+            failures: dict[tuple, int] = {k: 0 for k in key}
             for round_ in range(args.rounds):
-                for name, abuser in ABUSERS.items():
-                    alone = run_phase(address, 4, args.seconds, seed=100 + round_)
+                for kind, name in key:
+                    step_s = kinds[kind]
+                    alone = run_phase(address, 4, args.seconds, seed=100 + round_, step_s=step_s)
                     wait_drained(teacher.http_port, token_of(ABUSER))
-                    beside = run_phase(address, 4, args.seconds, abuser, seed=100 + round_)
+                    beside = run_phase(address, 4, args.seconds, ABUSERS[name], seed=100 + round_, step_s=step_s)
                     wait_drained(teacher.http_port, token_of(ABUSER))
-                    ratios[name].append(beside.tokens_per_s / alone.tokens_per_s)
-                    abuser_tokens[name].append(beside.abuser.tokens / beside.seconds)
-                    failures[name] += len(alone.failures) + len(beside.failures)
-                    print(f"  round {round_}: case {name}: alone {alone.tokens_per_s:.0f} tok/s, beside "
-                          f"{beside.tokens_per_s:.0f} tok/s (p99 {alone.latency_ms(0.99):.0f} -> "
-                          f"{beside.latency_ms(0.99):.0f} ms), abuser {abuser_tokens[name][-1]:.0f} tok/s",
+                    ratios[kind, name].append(beside.tokens_per_s / alone.tokens_per_s)
+                    abuser_tokens[kind, name].append(beside.abuser.tokens / beside.seconds)
+                    shares[kind, name].append(beside.abuser.tokens / (beside.abuser.tokens + beside.tokens_per_s
+                                                                      * beside.seconds))
+                    failures[kind, name] += len(alone.failures) + len(beside.failures)
+                    print(f"  round {round_}: {kind} students, case {name}: alone {alone.tokens_per_s:.0f} tok/s, "
+                          f"beside {beside.tokens_per_s:.0f} tok/s (p99 {alone.latency_ms(0.99):.0f} -> "
+                          f"{beside.latency_ms(0.99):.0f} ms), abuser {abuser_tokens[kind, name][-1]:.0f} tok/s",
                           flush=True)
             time.sleep(2.0)
             after = rss_mb(pid)
         print(f"\n## Abuse (4 well-behaved students; median of {args.rounds} interleaved rounds)\n")
-        print("| abuser (issue 11 case) | well-behaved tokens/s beside / alone | their failures | "
-              "abuser's tokens/s (counted by admission) |")
-        print("|---|---|---|---|")
-        for name in ABUSERS:
-            print(f"| {name} | {statistics.median(ratios[name]):.2f}x | {failures[name]} | "
-                  f"{statistics.median(abuser_tokens[name]):.0f} |")
+        print("| students | abuser (issue 11 case) | well-behaved tokens/s beside / alone | their failures | "
+              "abuser's tokens/s (answered) | abuser's share of the tokens answered |")
+        print("|---|---|---|---|---|---|")
+        for kind, name in key:
+            print(f"| {kind} | {name} | {statistics.median(ratios[kind, name]):.2f}x | {failures[kind, name]} | "
+                  f"{statistics.median(abuser_tokens[kind, name]):.0f} | "
+                  f"{statistics.median(shares[kind, name]):.1%} |")
         print(f"\nserver RSS: {before:.0f} MB after the warm-up, {after:.0f} MB after the run "
               f"({100 * (after / before - 1):+.1f}%)")
 

@@ -21,6 +21,20 @@ one left with queued work, no more than the mean of what the other clients have 
 clients backlogged together still fill every batch, and a client alone fills every batch from the second
 after the others left.
 
+Memory of service (also ``fair_share``): shares per batch alone still favour a client that always has a
+request queued over clients that are sometimes between requests when a batch is taken (a student with 2 in
+flight whose next request is on its way): the first gets into every batch, they into most. So the queue also
+counts each client's tokens served across batches, and the one client whose count is above every other
+client's by more than a ``quantum`` (1/8 of the batch budget) is *deferred*: it takes nothing in this batch
+unless nobody else has queued work (the batch is never left empty for it). At most one client is deferred
+at a time (the unique maximum), so clients served alike (within a quantum: a split request's remainder,
+ties) are never held back, and a light client is never held back by a heavy one: a backlogged client beside
+light ones gets, over the run and not only per batch, what the best-served of them gets, to within a
+quantum. The counts are kept within one batch budget of the highest (a count further behind is raised to
+that floor), so a light client that turns heavy holds the others back for at most about a batch's worth of
+tokens, not for all it did not use; a new client starts level with the highest count (no credit for being
+new), and a client with nothing queued or in flight whose count sits on the floor is forgotten.
+
 Granularity: a request whose sequences can be split (it has ``prefix_tokens`` / ``take_prefix``) and that
 does not fit the room left in a batch gives that room the longest prefix of its whole sequences that fits
 (if its client's deficit allows it) and stays at the head of its queue with the rest. So two students whose
@@ -60,6 +74,7 @@ class Queued(Protocol):
 Item = TypeVar("Item", bound=Queued)
 
 
+
 class FairQueue(Generic[Item]):
     """Per-client FIFO queues served by deficit round-robin in tokens, with admission limits."""
 
@@ -77,6 +92,7 @@ class FairQueue(Generic[Item]):
         self._deficit: Counter[str] = Counter()
         self._visiting = False  # whether ring[0] already got its quantum for the current visit
         self._recent: set[str] = set()  # clients of the last batch taken
+        self._service: dict[str, int] = {}  # tokens served, within a batch budget of the top ("Memory of service")
         self._inflight: Counter[str] = Counter()
         self._client_queued_tokens: Counter[str] = Counter()
         self.queued_tokens = 0
@@ -98,6 +114,8 @@ class FairQueue(Generic[Item]):
 
     def push(self, item: Item) -> None:
         """Queue an admitted ``item``; it counts as in flight for its client until :meth:`finished`."""
+        if item.client not in self._service:  # new, or forgotten: level with the best-served client
+            self._service[item.client] = max(self._service.values(), default=0)
         self._queues.setdefault(item.client, deque()).append(item)
         if len(self._queues[item.client]) == 1:
             self._ring.append(item.client)
@@ -152,6 +170,9 @@ class FairQueue(Generic[Item]):
         active = len(set(self._ring) | self._recent)
         mine: Counter[str] = Counter()  # tokens of each client in this batch
         capped: set[str] = set()  # clients that have their share of this batch
+        deferred = self._deferred()
+        if deferred is not None and len(self._ring) > 1:
+            capped.add(deferred)
         while self._ring:
             client = self._ring[0]
             queue = self._queues[client]
@@ -189,7 +210,29 @@ class FairQueue(Generic[Item]):
             self._left_queue(queue.popleft())
             batch.append(head)
         self._recent = set(mine)
+        self._remember(mine)
         return batch
+
+    def _deferred(self) -> str | None:
+        """The client whose remembered service is above every other client's by more than a quantum (None if
+        there is no such client, or with ``fair_share`` off)."""
+        if not self.fair_share or len(self._service) < 2:
+            return None
+        first, second = sorted(self._service.items(), key=lambda item: item[1], reverse=True)[:2]
+        return first[0] if first[1] > second[1] + self.quantum else None
+
+    def _remember(self, mine: Counter[str]) -> None:
+        """Count what each client got in this batch, raise every count to the floor (one batch budget below the
+        highest), and forget the clients on the floor with nothing queued or in flight."""
+        for client, tokens in mine.items():
+            self._service[client] += tokens
+        floor = max(self._service.values(), default=0) - self.max_batch_tokens
+        for client, count in list(self._service.items()):
+            if count <= floor:
+                if client in self._queues or self._inflight[client]:
+                    self._service[client] = floor
+                else:
+                    del self._service[client]
 
     def _share(self, client: str, mine: Counter[str], active: int) -> int:
         """The most tokens of this batch ``client`` may hold beyond its first request, ``mine`` holding each

@@ -22,14 +22,12 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import threading
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 import torch
 
 from atkd.proto import teacher_pb2 as pb
@@ -39,9 +37,10 @@ from atkd.proto.metadata import APPLICATION_KEY, AUTHORIZATION_KEY, CLIENT_ID_KE
 from atkd.proto.signal import TeacherSignal
 
 from .batch import ScoreBatch
-from .errors import TeacherError, TeacherRevisionError, status_code, teacher_errors
+from .errors import TeacherRevisionError
 from .pending import PendingCall
 from .replicas import Endpoint, Replicas
+from .stream import score_stream
 
 log = logging.getLogger(__name__)
 
@@ -207,66 +206,19 @@ class TeacherClient:
         """Signals ``[B, T]`` for ``batches``, in order, over one stream with up to ``in_flight`` requests out.
 
         A batch is a :class:`ScoreBatch` or an ``input_ids [B, T]`` tensor; ``options`` as in :meth:`score`.
-        The stream goes to one healthy replica and is not failed over: a failure ends it with a
-        :class:`TeacherError` (the unary calls of :meth:`score_async` are the ones that fail over).
         The next request goes out as soon as a response comes back, so the teacher works on batch
-        n + 1 .. n + in_flight - 1 while the caller trains on batch n. A failed batch raises its
+        n + 1 .. n + in_flight - 1 while the caller trains on batch n. When the replica fails (gone, draining,
+        or silent for ``timeout`` while the caller waits), the stream moves to another one with the
+        unanswered batches, under the same failover and ``retry_budget`` as :meth:`score`
+        (:mod:`.stream`); the caller sees every signal once, in order. A failed batch raises its
         :class:`TeacherError` in its turn, after the signals of the batches before it.
         """
         if in_flight < 1:
             raise ValueError(f"in_flight must be >= 1, got {in_flight}")
         self._ensure_checked()
-        slots = threading.Semaphore(in_flight)
-        sent: dict[str, ScoreBatch] = {}
-        closing, exhausted = threading.Event(), threading.Event()
-        failure: list[BaseException] = []
-
-        def requests() -> Iterator[pb.ScoreRequest]:
-            try:
-                for index, batch in enumerate(batches):
-                    slots.acquire()
-                    if closing.is_set():
-                        return
-                    batch = batch if isinstance(batch, ScoreBatch) else ScoreBatch.of(batch)
-                    sent[str(index)] = batch
-                    yield self._request(batch, str(index), options)
-                exhausted.set()
-            except Exception as error:  # surfaced in the caller's thread below
-                failure.append(error)
-                raise
-
-        endpoint, _ = self.replicas.pick()
-        call = endpoint.stub.ScoreStream(requests(), metadata=self._metadata)
-        ready: dict[int, TeacherSignal | TeacherError] = {}  # arrived out of order, waiting for their turn
-        next_index = 0
-        try:
-            with teacher_errors():
-                for response in call:
-                    slots.release()
-                    batch = sent.pop(response.id)
-                    if response.HasField("error"):
-                        ready[int(response.id)] = TeacherError(status_code(response.error.code),
-                                                               response.error.message)
-                    else:
-                        self.check_revision(response.model_revision, f"the replica at {endpoint.address}")
-                        ready[int(response.id)] = batch.unpack(decode_signal(response.signal))
-                    while next_index in ready:
-                        result = ready.pop(next_index)
-                        if isinstance(result, TeacherError):
-                            raise result
-                        yield result
-                        next_index += 1
-            if sent or not exhausted.is_set():
-                raise TeacherError(grpc.StatusCode.UNAVAILABLE, f"the teacher ended the stream after {next_index} "
-                                   "batches with more to score (shutting down?): retry on another replica")
-        except TeacherError:
-            if failure:
-                raise failure[0] from None
-            raise
-        finally:
-            closing.set()
-            slots.release()
-            call.cancel()
+        return score_stream(batches, replicas=self.replicas, metadata=self._metadata, in_flight=in_flight,
+                            request=lambda batch, request_id: self._request(batch, request_id, options),
+                            timeout=self.timeout, retry_budget=self.retry_budget, check_revision=self.check_revision)
 
     def close(self) -> None:
         self.replicas.close()

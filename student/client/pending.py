@@ -35,6 +35,49 @@ FIRST_BACKOFF_S, MAX_BACKOFF_S = 0.2, 5.0
 T = TypeVar("T")
 
 
+class Failover:
+    """Where a call goes after each failure: another healthy replica it has not tried since its last backoff,
+    or, when there is none, the best one after a backoff (0.2 s doubling to 5 s), until ``budget`` seconds
+    have passed since the call's first failure. Shared by the unary calls (:class:`PendingCall`) and the
+    streams (:mod:`.stream`). ``what`` names the call in logs and errors."""
+
+    def __init__(self, replicas: Replicas, first: Endpoint, budget: float, what: str):
+        self._replicas = replicas
+        self._budget = budget
+        self._what = what
+        self._tried = {first}
+        self._backoff = FIRST_BACKOFF_S
+        self._started_failing: float | None = None
+        self.attempts = 1
+
+    def next(self, failed: Endpoint, code: grpc.StatusCode, details: str) -> Endpoint:
+        """The replica of the next attempt after ``failed`` ended with ``code``; ejects ``failed``, may sleep
+        for the backoff, and raises :class:`TeacherError` (with the last status) once the budget is spent."""
+        ejected_s = self._replicas.failed(failed)
+        now = time.monotonic()
+        self._started_failing = self._started_failing or now
+        endpoint, fresh = self._replicas.pick(avoid=self._tried)
+        if not fresh:  # no healthy replica left to try at once: back off, or give up
+            if now + self._backoff > self._started_failing + self._budget:
+                raise TeacherError(code, self._gave_up(now - self._started_failing, failed, code, details))
+            log.warning("teacher %s on %s failed (%s: %s); no other replica is healthy: retrying in %.1f s",
+                        self._what, failed.address, code.name, details, self._backoff)
+            time.sleep(self._backoff)
+            self._backoff = min(2 * self._backoff, MAX_BACKOFF_S)
+            endpoint, self._tried = self._replicas.pick()[0], set()
+        else:
+            log.warning("teacher %s on %s failed (%s: %s): moved to %s (%s ejected for %.1f s)", self._what,
+                        failed.address, code.name, details, endpoint.address, failed.address, ejected_s)
+        self._tried.add(endpoint)
+        self.attempts += 1
+        return endpoint
+
+    def _gave_up(self, failing_s: float, last: Endpoint, code: grpc.StatusCode, details: str) -> str:
+        return (f"no teacher replica answered the {self._what} call within its retry budget of {self._budget:g} s "
+                f"(replicas: {self._replicas}; {self.attempts} attempts, failing for {failing_s:.1f} s); "
+                f"last error from {last.address}: {code.name}: {details}")
+
+
 class PendingCall(Generic[T]):
     """A call in flight; :meth:`result` waits for it, failing over or retrying :data:`FAILOVER` failures.
 
@@ -48,16 +91,17 @@ class PendingCall(Generic[T]):
         self._replicas = replicas
         self._start = start
         self._finish = finish
-        self._budget = retry_budget
-        self._what = what
         self.endpoint, _ = replicas.pick()
+        self._failover = Failover(replicas, self.endpoint, retry_budget, what)
         self._future = start(self.endpoint)
         self._cancelled = False
-        self.attempts = 1
+
+    @property
+    def attempts(self) -> int:
+        return self._failover.attempts
 
     def result(self) -> T:
         """The result; retries as the module says, then raises :class:`TeacherError` with the last status."""
-        started_failing, backoff, tried = None, FIRST_BACKOFF_S, {self.endpoint}
         while True:
             try:
                 response = self._future.result()
@@ -68,25 +112,8 @@ class PendingCall(Generic[T]):
                 return self._finish(response, self.endpoint)
             if code not in FAILOVER or self._cancelled:
                 raise TeacherError(code, details)
-            failed = self.endpoint
-            ejected_s = self._replicas.failed(failed)
-            now = time.monotonic()
-            started_failing = started_failing or now
-            endpoint, fresh = self._replicas.pick(avoid=tried)
-            if not fresh:  # no healthy replica left to try at once: back off, or give up
-                if now + backoff > started_failing + self._budget:
-                    raise TeacherError(code, self._gave_up(now - started_failing, failed, code, details))
-                log.warning("teacher %s on %s failed (%s: %s); no other replica is healthy: retrying in %.1f s",
-                            self._what, failed.address, code.name, details, backoff)
-                time.sleep(backoff)
-                backoff = min(2 * backoff, MAX_BACKOFF_S)
-                endpoint, tried = self._replicas.pick()[0], set()
-            else:
-                log.warning("teacher %s on %s failed (%s: %s): moved to %s (%s ejected for %.1f s)", self._what,
-                            failed.address, code.name, details, endpoint.address, failed.address, ejected_s)
-            tried.add(endpoint)
-            self.endpoint, self._future = endpoint, self._start(endpoint)
-            self.attempts += 1
+            self.endpoint = self._failover.next(self.endpoint, code, details)
+            self._future = self._start(self.endpoint)
 
     def done(self) -> bool:
         """Whether the current attempt has ended (answered or failed)."""
@@ -95,8 +122,3 @@ class PendingCall(Generic[T]):
     def cancel(self) -> None:
         self._cancelled = True
         self._future.cancel()
-
-    def _gave_up(self, failing_s: float, last: Endpoint, code: grpc.StatusCode, details: str) -> str:
-        return (f"no teacher replica answered the {self._what} call within its retry budget of {self._budget:g} s "
-                f"(replicas: {self._replicas}; {self.attempts} attempts, failing for {failing_s:.1f} s); "
-                f"last error from {last.address}: {code.name}: {details}")
