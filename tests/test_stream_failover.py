@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from atkd.student.client import TeacherClient, TeacherError
+from atkd.student.client.pending import Failover
+from atkd.student.client.replicas import Replicas
 from tests.teacher_harness import GatedEngine, ServerThread, wait_until
 
 BATCHES = [torch.randint(1, 500, (2, 12), generator=torch.Generator().manual_seed(i)) for i in range(10)]
@@ -97,3 +99,21 @@ def test_past_the_budget_a_stream_without_a_replica_fails_with_a_clear_error(ser
             list(stream)
     assert failure.value.code == grpc.StatusCode.UNAVAILABLE
     assert "no teacher replica answered the ScoreStream call within its retry budget of 1 s" in failure.value.message
+
+
+def test_each_failure_episode_of_a_long_stream_gets_the_whole_retry_budget():
+    """A stream lives for a whole run: a failure hours after an earlier one that was recovered from must not
+    find the budget already spent."""
+    replicas = Replicas(["127.0.0.1:1"])  # nothing listens there; no call is made
+    try:
+        (endpoint,) = replicas.all
+        failover = Failover(replicas, endpoint, budget=0.5, what="ScoreStream")
+        failover.next(endpoint, grpc.StatusCode.UNAVAILABLE, "gone")  # backs off 0.2 s, within the budget
+        threading.Event().wait(0.5)  # the budget of this episode is over
+        failover.answered(endpoint)  # ... but the replica answered again meanwhile
+        assert failover.next(endpoint, grpc.StatusCode.UNAVAILABLE, "gone again") is endpoint
+        threading.Event().wait(0.5)
+        with pytest.raises(TeacherError, match="within its retry budget of 0.5 s"):
+            failover.next(endpoint, grpc.StatusCode.UNAVAILABLE, "still gone")
+    finally:
+        replicas.close()

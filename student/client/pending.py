@@ -72,6 +72,11 @@ class Failover:
         self.attempts += 1
         return endpoint
 
+    def answered(self, endpoint: Endpoint) -> None:
+        """``endpoint`` answered: a later failure starts a fresh budget and backoff (a long-lived stream
+        fails over many times over a run; each episode gets the whole budget)."""
+        self._tried, self._backoff, self._started_failing = {endpoint}, FIRST_BACKOFF_S, None
+
     def _gave_up(self, failing_s: float, last: Endpoint, code: grpc.StatusCode, details: str) -> str:
         return (f"no teacher replica answered the {self._what} call within its retry budget of {self._budget:g} s "
                 f"(replicas: {self._replicas}; {self.attempts} attempts, failing for {failing_s:.1f} s); "

@@ -213,6 +213,7 @@ def score_stream(batches: Iterable[ScoreBatch | object], *, replicas: Replicas,
                     check_revision(response.model_revision, f"the replica at {endpoint.address}")
                     ready[index] = batch.unpack(decode_signal(response.signal))
                 replicas.succeeded(endpoint)
+                failover.answered(endpoint)
                 while next_index in ready:
                     result = ready.pop(next_index)
                     if isinstance(result, TeacherError):
