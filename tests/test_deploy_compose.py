@@ -73,7 +73,8 @@ def build_images() -> str:
 def demo_assets(pytestconfig: pytest.Config, out: Path) -> Path:
     """``atkd-demo --prepare-only``: the tiny teacher, student init and text, readable by the containers' user.
     The demo's own cache, kept in pytest's cache directory across runs, makes repeats take seconds."""
-    cache = pytestconfig.cache.mkdir("atkd-demo") if pytestconfig.cache else out.with_name("atkd-demo-cache")
+    cache = getattr(pytestconfig, "cache", None)  # absent under -p no:cacheprovider
+    cache = cache.mkdir("atkd-demo") if cache else out.with_name("atkd-demo-cache")
     demo = Path(sys.executable).with_name("atkd-demo")
     run([str(demo), "--source", "excerpt", "--teacher-steps", "20", "--prepare-only", str(out)], timeout=600,
         env={"ATKD_CACHE": str(cache)})

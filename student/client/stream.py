@@ -113,7 +113,7 @@ class _Attempt:
     ``in_flight`` unanswered; its responses come from :meth:`responses`."""
 
     def __init__(self, endpoint: Endpoint, source: _Source, request: Callable[[ScoreBatch, str], pb.ScoreRequest],
-                 metadata: tuple, in_flight: int, timeout: float):
+                 metadata: tuple, in_flight: int, timeout: float | None):
         self.endpoint = endpoint
         self._source = source
         self._request = request
@@ -123,8 +123,8 @@ class _Attempt:
         self._waiting_since: float | None = None  # when the caller's thread began waiting for a response
         self._silent = False
         self._call = endpoint.stub.ScoreStream(self._requests(), metadata=metadata)
-        self._watchdog = threading.Thread(target=self._watch, name="score-stream-watchdog", daemon=True)
-        self._watchdog.start()
+        if timeout is not None:  # None: wait for a replica without limit
+            threading.Thread(target=self._watch, name="score-stream-watchdog", daemon=True).start()
 
     def _requests(self) -> Iterator[pb.ScoreRequest]:
         index = None
@@ -194,7 +194,7 @@ class _Attempt:
 
 def score_stream(batches: Iterable[ScoreBatch | object], *, replicas: Replicas,
                  request: Callable[[ScoreBatch, str], pb.ScoreRequest], metadata: tuple, in_flight: int,
-                 timeout: float, retry_budget: float,
+                 timeout: float | None, retry_budget: float,
                  check_revision: Callable[[str, str], None]) -> Iterator[TeacherSignal]:
     """Signals ``[B, T]`` for ``batches``, in order, failed over as the module says. ``request(batch, id)``
     builds a request; ``check_revision(revision, source)`` checks each response's model revision."""
