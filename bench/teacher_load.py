@@ -10,7 +10,7 @@ latency is from a request's send to its decoded response.
 
 * **Load**: N = 1, 4, 8 students for ``--seconds`` each: failures (any error: none was asked for),
   p50 / p99 latency, tokens/s; the server's RSS (``/proc/PID/status``) after a warm-up (3 s of each
-  kind of phase below), and after the whole run (abuse included), and their ratio.
+  kind of phase below), after the load phases, and after the whole run (abuse included), and their ratios.
 * **Abuse**: 4 well-behaved students for ``--seconds`` alone, then beside one abuser, interleaved per
   round (alone, case 1, alone, case 2, alone, case 6) so that the machine's noise hits both sides of a
   ratio; the ratio is the well-behaved tokens/s beside the abuser over alone just before, median over
@@ -289,6 +289,7 @@ def main() -> None:
                 requests = sum(len(t.latencies) for t in phase.students)
                 print(f"| {n} | {requests} | {len(phase.failures)} | {phase.latency_ms(0.5):.0f} | "
                       f"{phase.latency_ms(0.99):.0f} | {phase.tokens_per_s:.0f} |", flush=True)
+            after_load = rss_mb(pid)
             kinds = {"saturating": 0.0, f"training ({args.step_ms:g} ms a step)": args.step_ms / 1000}
             key = list(itertools.product(kinds, ABUSERS))
             ratios: dict[tuple, list[float]] = {k: [] for k in key}
@@ -321,8 +322,9 @@ def main() -> None:
             print(f"| {kind} | {name} | {statistics.median(ratios[kind, name]):.2f}x | {failures[kind, name]} | "
                   f"{statistics.median(abuser_tokens[kind, name]):.0f} | "
                   f"{statistics.median(shares[kind, name]):.1%} |")
-        print(f"\nserver RSS: {before:.0f} MB after the warm-up, {after:.0f} MB after the run "
-              f"({100 * (after / before - 1):+.1f}%)")
+        print(f"\nserver RSS: {before:.0f} MB after the warm-up, {after_load:.0f} MB after the load phases, "
+              f"{after:.0f} MB after the whole run ({100 * (after / before - 1):+.1f}% since the warm-up, "
+              f"{100 * (after / after_load - 1):+.1f}% over the {len(key) * args.rounds * 2} abuse phases)")
 
 
 if __name__ == "__main__":

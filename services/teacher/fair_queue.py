@@ -74,7 +74,6 @@ class Queued(Protocol):
 Item = TypeVar("Item", bound=Queued)
 
 
-
 class FairQueue(Generic[Item]):
     """Per-client FIFO queues served by deficit round-robin in tokens, with admission limits."""
 
