@@ -18,12 +18,13 @@ from tests.teacher_harness import GatedEngine, ServerThread, wait_until
 BATCHES = [torch.randint(1, 500, (2, 12), generator=torch.Generator().manual_seed(i)) for i in range(10)]
 
 
-def two_replicas(serve_teacher, tiny_teacher_engine) -> list[tuple[ServerThread, GatedEngine]]:
+def two_replicas(serve_teacher, tiny_teacher_engine) -> tuple[list[tuple[ServerThread, GatedEngine]], list[str]]:
+    """Two replicas, each with its own gated engine, and their addresses."""
     replicas = []
     for _ in range(2):
         gated = GatedEngine(tiny_teacher_engine)
         replicas.append((serve_teacher(gated, max_wait_ms=0), gated))
-    return replicas
+    return replicas, [server.address for server, _ in replicas]
 
 
 def serving(replicas: list[tuple[ServerThread, GatedEngine]]) -> tuple[tuple, tuple]:
@@ -44,8 +45,7 @@ def assert_every_signal_once_in_order(streamed, client: TeacherClient) -> None:
 def test_a_stream_whose_replica_dies_mid_run_moves_to_the_other_with_its_unanswered_batches(
     serve_teacher, tiny_teacher_engine, caplog
 ):
-    replicas = two_replicas(serve_teacher, tiny_teacher_engine)
-    addresses = [server.address for server, _ in replicas]
+    replicas, addresses = two_replicas(serve_teacher, tiny_teacher_engine)
     with TeacherClient(addresses, timeout=30, retry_budget=30) as client, caplog.at_level(logging.WARNING):
         stream = client.score_stream(BATCHES, in_flight=3, top_k=8)
         streamed = [next(stream) for _ in range(3)]
@@ -63,8 +63,7 @@ def test_a_stream_whose_replica_dies_mid_run_moves_to_the_other_with_its_unanswe
 def test_a_hung_replica_is_left_when_the_caller_has_waited_the_timeout_for_a_signal(
     serve_teacher, tiny_teacher_engine, caplog
 ):
-    replicas = two_replicas(serve_teacher, tiny_teacher_engine)
-    addresses = [server.address for server, _ in replicas]
+    replicas, addresses = two_replicas(serve_teacher, tiny_teacher_engine)
     with TeacherClient(addresses, timeout=1.0, retry_budget=30) as client, caplog.at_level(logging.WARNING):
         stream = client.score_stream(BATCHES, in_flight=2, top_k=8)
         streamed = [next(stream)]

@@ -51,6 +51,7 @@ due and calls this to decide *what* goes in it; the tests drive it directly.
 
 from __future__ import annotations
 
+import heapq
 from collections import Counter, deque
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -217,7 +218,7 @@ class FairQueue(Generic[Item]):
         there is no such client, or with ``fair_share`` off)."""
         if not self.fair_share or len(self._service) < 2:
             return None
-        first, second = sorted(self._service.items(), key=lambda item: item[1], reverse=True)[:2]
+        first, second = heapq.nlargest(2, self._service.items(), key=lambda item: item[1])
         return first[0] if first[1] > second[1] + self.quantum else None
 
     def _remember(self, mine: Counter[str]) -> None:

@@ -173,7 +173,7 @@ def export_cache(config: TrainConfig, out_dir: Path, shard_size: int) -> CacheMa
         teacher_model_id=model_id, teacher_revision=revision, tokenizer_hash=tokenizer_fingerprint(tokenizer),
         vocab_size=student.config.vocab_size, dataset_fingerprint=examples.fingerprint, dataset_kind=examples.kind,
         num_examples=len(examples), seq_len=examples.seq_len, top_k=teacher_config.top_k,
-        tail_samples=teacher_config.tail_samples, tail_ids_only=bool(teacher_config.tail_ids_only),
+        tail_samples=teacher_config.tail_samples, tail_ids_only=teacher_config.ids_only,
         temperature=teacher_config.temperature,
         codec=teacher_config.codec if teacher_config.mode == "remote" else "fp32", shard_size=shard_size,
     )  # fmt: skip

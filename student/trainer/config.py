@@ -118,6 +118,12 @@ class TeacherSourceConfig(Section):
             raise ValueError("teacher.tail_ids_only needs teacher.tail_samples > 0")
         return self
 
+    @property
+    def ids_only(self) -> bool:
+        """Whether the tail samples go as ids only: ``tail_ids_only`` as :class:`TrainConfig` resolved it from the
+        loss (None, not resolved, is off)."""
+        return bool(self.tail_ids_only)
+
 
 class LossConfig(Section):
     name: str = Field("atkd", description=f"one of {sorted(LOSSES)}")

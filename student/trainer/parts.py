@@ -93,17 +93,17 @@ def build_teacher(config: TeacherSourceConfig, tokenizer: PreTrainedTokenizerBas
     if config.mode == "remote":
         client = teacher_client(config, tokenizer, vocab_size, client_name)
         return RemoteTeacher(client, top_k=config.top_k, codec=config.codec, temperature=config.temperature,
-                             tail_samples=config.tail_samples, tail_ids_only=bool(config.tail_ids_only))
+                             tail_samples=config.tail_samples, tail_ids_only=config.ids_only)
     if config.mode == "local":
         model = load_model(config.model, device=str(resolve_device(config.device)))
         check_local_teacher(config.model, model, tokenizer, vocab_size)
         return LocalTeacher(model, top_k=config.top_k or None, temperature=config.temperature,
-                            tail_samples=config.tail_samples, tail_ids_only=bool(config.tail_ids_only))
+                            tail_samples=config.tail_samples, tail_ids_only=config.ids_only)
     cache = SignalCache(config.cache_dir)
     pinned = {} if config.revision is None else {"teacher_revision": config.revision}
     cache.check(vocab_size=vocab_size, tokenizer_hash=tokenizer_fingerprint(tokenizer),
                 dataset_fingerprint=examples.fingerprint, seq_len=examples.seq_len, top_k=config.top_k,
-                tail_samples=config.tail_samples, tail_ids_only=bool(config.tail_ids_only),
+                tail_samples=config.tail_samples, tail_ids_only=config.ids_only,
                 temperature=config.temperature, **pinned)
     return CachedTeacher(cache)
 
